@@ -1,0 +1,141 @@
+"""The ``lokr-job`` command: argument parsing, dispatch to stages, exit codes.
+
+Only the standard library is imported at module level: ``lokr-job --help`` must answer in well under a
+second, so torch, diffusers and the cloud SDKs are imported by the stage that needs them.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from job import __version__
+from job.errors import ExitCode, JobError
+
+log = logging.getLogger("lokr")
+
+STAGES = ("fetch", "warm", "train", "publish")
+
+_EPILOG = """\
+exit codes: 0 done; 2 bad config or usage; 3 bad data; 4 missing permission or credentials;
+75 transient failure or preempted with state saved (retry me); 1 a bug.
+
+quick start:
+  lokr-job tiny demo/tiny                                   # a tiny model, data and config
+  lokr-job run --config demo/tiny/config/config.json --workdir demo/work
+"""
+
+_COMMANDS = {
+    "run": "fetch, warm, train and publish in order, skipping what is done",
+    "check": "validate the config (all errors at once) without a GPU",
+    "fetch": "copy the config, datasets and base model into the work directory",
+    "warm": "fill the latent and text-embedding caches on the work directory",
+    "train": "train the LoKr adapter (resumes from the newest complete checkpoint)",
+    "publish": "push the adapter, model card and images to the Hub and the run URI",
+    "infer": "generate images with the base model and a trained adapter",
+    "tiny": "write a tiny random AuraFlow, a dataset and a config (the embedded default)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lokr-job",
+        description="Train a LyCORIS LoKr adapter for AuraFlow as one resumable batch job.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lokr-job {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in _COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == "tiny":
+            sub.add_argument("dest", metavar="DIR", help="folder to write the tiny job into")
+            continue
+        _add_job_options(sub)
+    return parser
+
+
+def _add_job_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--config",
+        default=os.environ.get("LOKR_CONFIG"),
+        metavar="URI",
+        help="config.json: a path, file://, s3://bucket/key or hf://owner/repo/path (env LOKR_CONFIG)",
+    )
+    sub.add_argument(
+        "--workdir",
+        default=os.environ.get("LOKR_WORKDIR", "lokr-work"),
+        metavar="PATH",
+        help="local scratch (NVMe) for data, caches and checkpoints (env LOKR_WORKDIR; default ./lokr-work)",
+    )
+    sub.add_argument(
+        "--run-uri",
+        default=os.environ.get("LOKR_RUN_URI"),
+        metavar="URI",
+        help="durable remote prefix for checkpoints, status and output (env LOKR_RUN_URI)",
+    )
+    sub.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config.json key (repeatable), e.g. --set max_train_steps=100",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        _dispatch(args)
+    except JobError as exc:
+        log.error("%s", exc.message)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return int(ExitCode.TRANSIENT)
+    except Exception:
+        log.error("lokr-job hit a bug; please report it with this traceback:\n%s", traceback.format_exc())
+        return int(ExitCode.BUG)
+    return int(ExitCode.OK)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "tiny":
+        from job.tiny import write_tiny_job
+
+        config = write_tiny_job(args.dest)
+        print(f"tiny job written: {config}")
+        print(f"next: lokr-job run --config {config} --workdir <folder>")
+        return
+    from job import stages
+    from job.context import open_context
+
+    if not args.config:
+        from job.errors import ConfigError
+
+        raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
+    ctx = open_context(args.config, args.workdir, args.run_uri, args.overrides)
+    getattr(stages, args.command)(ctx)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOKR_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

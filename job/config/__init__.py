@@ -1,0 +1,1 @@
+"""Reading SimpleTuner-format config files into validated, typed models."""

@@ -1,0 +1,280 @@
+"""Read a SimpleTuner-format config set from local files into a ``ResolvedConfig``.
+
+Every problem in every file is collected and raised as one ``ConfigError`` (exit 2), each naming the
+file and the key, so a user fixes them all in one go instead of one per run.
+"""
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import json5
+from pydantic import BaseModel, ValidationError
+
+from job.config import paths
+from job.config.schema import DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
+from job.config.simpletuner import IGNORED_DATASET_KEYS, IGNORED_JOB_KEYS
+from job.errors import ConfigError
+
+# Keys of config.json that name another file which must exist.
+_FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The whole validated config set, paths absolute (or URIs), dataset defaults filled in."""
+
+    job: JobConfig
+    datasets: list[DatasetConfig]
+    text_embeds: TextEmbedsConfig
+    lycoris: LycorisConfig | None
+    prompt_library: dict[str, str]
+    config_path: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def hash(self) -> str:
+        """Identifies the training recipe; a checkpoint made under another recipe is flagged on resume."""
+        recipe = {
+            "job": self.job.model_dump(mode="json"),
+            "datasets": [d.model_dump(mode="json") for d in self.datasets],
+            "lycoris": self.lycoris.model_dump(mode="json") if self.lycoris else None,
+        }
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, where: Path | str, message: str) -> None:
+        self.errors.append(f"{where}: {message}")
+
+    def warn(self, where: Path | str, message: str) -> None:
+        self.warnings.append(f"{where}: {message}")
+
+
+def load_config(config_path: Path | str, overrides: list[str] | None = None) -> ResolvedConfig:
+    """Load ``config.json`` and the files it references; raise ``ConfigError`` listing every problem."""
+    config_path = Path(config_path).resolve()
+    problems = _Problems()
+    raw = _read_json5(config_path, problems, expect=dict)
+    if raw is None:
+        raise ConfigError(problems.errors)
+    raw = {key.removeprefix("--"): value for key, value in raw.items()}
+    raw.update(_parse_overrides(overrides or [], problems))
+
+    known = set(JobConfig.model_fields)
+    _screen_keys(raw, known, IGNORED_JOB_KEYS, config_path, problems)
+    files = _resolve_files(raw, config_path, problems)
+    for key in ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri"):
+        if isinstance(raw.get(key), str) and raw[key]:
+            raw[key] = _resolve_model_or_path(raw[key], config_path)
+    job = _validate(JobConfig, {k: v for k, v in raw.items() if k in known}, config_path, problems)
+
+    datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems)
+    lycoris = _load_lycoris(files.get("lycoris_config"), problems)
+    library = _load_prompt_library(files.get("user_prompt_library"), problems)
+
+    if problems.errors or job is None:
+        raise ConfigError(problems.errors)
+    return ResolvedConfig(
+        job=job,
+        datasets=datasets,
+        text_embeds=text_embeds or TextEmbedsConfig(),
+        lycoris=lycoris,
+        prompt_library=library,
+        config_path=config_path,
+        files=files,
+        warnings=problems.warnings,
+    )
+
+
+def _parse_overrides(overrides: list[str], problems: _Problems) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.error("--set", f"{item!r} is not key=value (e.g. --set max_train_steps=100)")
+            continue
+        try:
+            parsed[key.strip().removeprefix("--")] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip().removeprefix("--")] = value
+    return parsed
+
+
+def _screen_keys(
+    raw: dict[str, Any], known: set[str], ignored: dict[str, str], where: Path, problems: _Problems
+) -> None:
+    """Warn on SimpleTuner keys we ignore; error on unknown keys with the nearest known one."""
+    for key in list(raw):
+        if key in known:
+            continue
+        value = raw.pop(key)
+        if key in ignored:
+            problems.warn(where, f"{key}: known SimpleTuner option, ignored by lokr-job ({ignored[key]})")
+            continue
+        near = difflib.get_close_matches(key, sorted(known | set(ignored)), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        problems.error(where, f"{key}: unknown option (value {value!r}){hint}")
+
+
+def _resolve_files(raw: dict[str, Any], config_path: Path, problems: _Problems) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for key in _FILE_KEYS:
+        value = raw.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        found = paths.resolve_local(value, config_path)
+        if found is None or not found.is_file():
+            looked = ", ".join(str(p) for p in paths.candidates(value, config_path))
+            similar = paths.similar_files(value, config_path)
+            hint = f"; a similarly named file exists: {similar[0]} (point {key} at it)" if similar else ""
+            problems.error(config_path, f"{key}: file {value!r} not found; looked in: {looked}{hint}")
+            continue
+        files[key] = found
+        raw[key] = str(found)
+    return files
+
+
+def _resolve_model_or_path(value: str, config_path: Path) -> str:
+    """A local folder becomes absolute; a Hub repo id (owner/name) or a URI stays as written."""
+    found = None if paths.is_remote(value) else paths.resolve_local(value, config_path)
+    return str(found) if found else value
+
+
+def _load_backends(
+    path: Path | None, job: JobConfig | None, problems: _Problems
+) -> tuple[list[DatasetConfig], TextEmbedsConfig | None]:
+    if path is None:
+        return [], None
+    entries = _read_json5(path, problems, expect=list)
+    if entries is None:
+        return [], None
+    datasets: list[DatasetConfig] = []
+    text_embeds: TextEmbedsConfig | None = None
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"{path}[{index}]"
+        if not isinstance(entry, dict):
+            problems.error(where, "each backend must be a JSON object")
+            continue
+        name = entry.get("id", f"#{index}")
+        where = f"{path} (backend {name!r})"
+        if name in seen:
+            problems.error(where, f"id {name!r} is used twice; ids must be unique")
+        seen.add(name)
+        kind = entry.get("dataset_type", "image")
+        if kind == "text_embeds":
+            model: type[BaseModel] = TextEmbedsConfig
+        elif kind == "image":
+            model = DatasetConfig
+        else:
+            problems.error(where, f"dataset_type {kind!r} is not supported (use image or text_embeds)")
+            continue
+        entry = dict(entry)
+        _screen_keys(entry, set(model.model_fields), IGNORED_DATASET_KEYS, Path(where), problems)
+        # Cache folders are resolved against the work directory later, not against the config.
+        if isinstance(entry.get("instance_data_dir"), str) and entry["instance_data_dir"]:
+            entry["instance_data_dir"] = _resolve_data_dir(entry["instance_data_dir"], path, where, problems)
+        parsed = _validate(model, entry, where, problems)
+        if isinstance(parsed, TextEmbedsConfig):
+            text_embeds = parsed
+        elif isinstance(parsed, DatasetConfig) and not parsed.disabled:
+            datasets.append(_inherit(parsed, job) if job else parsed)
+    if not datasets and not any(e.startswith(str(path)) for e in problems.errors):
+        problems.error(path, "no enabled image dataset (every backend is disabled or text_embeds)")
+    return datasets, text_embeds
+
+
+def _resolve_data_dir(value: str, path: Path, where: str, problems: _Problems) -> str:
+    """A remote dataset is fetched later; a local one must exist now."""
+    resolved = paths.resolve(value, path)
+    if not paths.is_remote(resolved) and not Path(resolved).is_dir():
+        looked = ", ".join(str(p) for p in paths.candidates(value, path))
+        problems.error(where, f"instance_data_dir: folder {value!r} not found; looked in: {looked}")
+    return resolved
+
+
+def _inherit(dataset: DatasetConfig, job: JobConfig) -> DatasetConfig:
+    """SimpleTuner's rule: a dataset setting left out takes the config.json value of the same name."""
+    fields = (
+        "resolution",
+        "resolution_type",
+        "minimum_image_size",
+        "maximum_image_size",
+        "target_downsample_size",
+        "caption_dropout_probability",
+    )
+    update = {name: getattr(job, name) for name in fields if getattr(dataset, name) is None}
+    return dataset.model_copy(update=update)
+
+
+def _load_lycoris(path: Path | None, problems: _Problems) -> LycorisConfig | None:
+    if path is None:
+        return None
+    raw = _read_json5(path, problems, expect=dict)
+    if raw is None:
+        return None
+    parsed = _validate(LycorisConfig, raw, path, problems)
+    return parsed if isinstance(parsed, LycorisConfig) else None
+
+
+def _load_prompt_library(path: Path | None, problems: _Problems) -> dict[str, str]:
+    if path is None:
+        return {}
+    raw = _read_json5(path, problems, expect=dict)
+    if raw is None:
+        return {}
+    bad = [k for k, v in raw.items() if not isinstance(v, str) or not v.strip()]
+    for key in bad:
+        problems.error(path, f"{key}: each entry must be nickname → non-empty prompt string")
+    return {k: v for k, v in raw.items() if k not in bad}
+
+
+def _read_json5(path: Path, problems: _Problems, expect: type) -> Any:
+    """Parse JSON with JSON5 tolerance (trailing commas, comments), errors as file:line:column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.error(path, f"cannot read: {exc.strerror}")
+        return None
+    try:
+        value = json5.loads(text)
+    except ValueError as exc:
+        problems.error(_position(path, str(exc)), f"not valid JSON: {_strip_position(str(exc))}")
+        return None
+    if not isinstance(value, expect):
+        shape = "an object {...}" if expect is dict else "a list [...]"
+        problems.error(path, f"must hold {shape}, found {type(value).__name__}")
+        return None
+    return value
+
+
+def _position(path: Path, message: str) -> str:
+    line = re.search(r"<string>:(\d+)", message)
+    column = re.search(r"column (\d+)", message)
+    return f"{path}:{line.group(1) if line else '?'}:{column.group(1) if column else '?'}"
+
+
+def _strip_position(message: str) -> str:
+    return re.sub(r"^<string>:\d+\s*", "", message)
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], where: Path | str, problems: _Problems) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(file)"
+            got = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" else ""
+            message = err["msg"].removeprefix("Value error, ")
+            problems.error(where, f"{key}: {message}{got}")
+        return None

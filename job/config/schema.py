@@ -1,0 +1,251 @@
+"""Typed models of the three SimpleTuner-format files lokr-job reads.
+
+Field names are SimpleTuner's, so a user's existing ``config.json`` keeps working. Values arrive as
+strings as often as not (``"4e-5"``, ``"true"``): pydantic's lax mode coerces them.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FLAVOUR_REPOS = {
+    "v0.1": "fal/AuraFlow",
+    "v0.2": "fal/AuraFlow-v0.2",
+    "v0.3": "terminusresearch/auraflow-v0.3",
+    "pony": "purplesmartai/pony-v7-base",
+}
+
+Optimizer = Literal["adamw", "adamw_bf16", "optimi-lion", "optimi-adamw", "bnb-lion8bit-paged", "prodigy"]
+LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "polynomial", "linear"]
+Precision = Literal["no_change", "bf16", "int8-quanto", "int4-quanto"]
+ResolutionType = Literal["pixel", "pixel_area", "area"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class JobConfig(_Strict):
+    """``config.json``: one flat object of SimpleTuner keys (leading ``--`` already stripped)."""
+
+    # The model.
+    model_family: Literal["auraflow"] = "auraflow"
+    model_type: Literal["lora", "full"] = "lora"
+    lora_type: Literal["lycoris"] = "lycoris"
+    model_flavour: Literal["v0.1", "v0.2", "v0.3", "pony"] = "v0.3"
+    pretrained_model_name_or_path: str | None = None
+    revision: str | None = None
+    base_model_precision: Precision = "no_change"
+    quantize_via: Literal["cpu", "accelerator"] = "accelerator"
+    gradient_checkpointing: bool = False
+    lycoris_config: str | None = None
+    tokenizer_max_length: int | None = Field(default=None, gt=0)
+
+    # Data.
+    data_backend_config: str
+    resolution: float = Field(default=1024, gt=0)
+    resolution_type: ResolutionType = "pixel_area"
+    minimum_image_size: float | None = Field(default=None, ge=0)
+    maximum_image_size: float | None = Field(default=None, gt=0)
+    target_downsample_size: float | None = Field(default=None, gt=0)
+    aspect_bucket_rounding: int | None = Field(default=None, ge=0, le=6)
+    caption_dropout_probability: float = Field(default=0.0, ge=0, le=1)
+    vae_batch_size: int = Field(default=4, gt=0)
+    write_batch_size: int = Field(default=64, gt=0)
+
+    # The training loop.
+    seed: int = 0
+    train_batch_size: int = Field(default=1, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    max_train_steps: int = Field(default=0, ge=0)
+    num_train_epochs: int = Field(default=0, ge=0)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    optimizer: Optimizer = "adamw_bf16"
+    max_grad_norm: float | None = Field(default=2.0, ge=0)
+    grad_clip_method: Literal["value", "norm"] = "value"
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    use_ema: bool = False
+    ema_decay: float = Field(default=0.995, gt=0, lt=1)
+    flow_schedule_shift: float | None = Field(default=None, gt=0)
+    flow_schedule_auto_shift: bool = False
+
+    # Checkpoints.
+    checkpoint_step_interval: int = Field(default=500, gt=0)
+    checkpoints_total_limit: int | None = Field(default=None, gt=0)
+    resume_from_checkpoint: str | None = "latest"
+
+    # Validation and evaluation.
+    validation_prompt: str | None = None
+    validation_negative_prompt: str = "blurry, cropped, ugly"
+    validation_step_interval: int | None = Field(default=None, gt=0)
+    validation_seed: int = 42
+    validation_resolution: str = "1024x1024"
+    validation_guidance: float = 3.5
+    validation_guidance_rescale: float = 0.0
+    validation_num_inference_steps: int = Field(default=20, gt=0)
+    user_prompt_library: str | None = None
+    eval_steps_interval: int | None = Field(default=None, gt=0)
+    num_eval_images: int = Field(default=4, gt=0)
+
+    # Tracking.
+    report_to: Literal["tensorboard", "wandb", "none"] = "none"
+    tracker_project_name: str = "lokr-job"
+    tracker_run_name: str | None = None
+    webhook_url: str | None = None
+
+    # Publishing and remote state.
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = True
+    cache_uri: str | None = None
+
+    # Memory.
+    enable_group_offload: bool = False
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(default=1, gt=0)
+    group_offload_use_stream: bool = False
+    group_offload_to_disk_path: str | None = None
+    enable_model_cpu_offload: bool = False
+    deepspeed_config: str | None = None
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _none_words(cls, value: object) -> object:
+        # SimpleTuner users write "none"/"" for "start fresh".
+        if isinstance(value, str) and value.strip().lower() in {"", "none", "null", "false"}:
+            return None
+        return value
+
+    @field_validator("validation_resolution")
+    @classmethod
+    def _resolutions(cls, value: str) -> str:
+        for part in value.split(","):
+            w, sep, h = part.strip().lower().partition("x")
+            if not part.strip().isdigit() and not (sep and w.isdigit() and h.isdigit()):
+                raise ValueError(f"{part.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024,1280x768)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobConfig":
+        problems = []
+        if self.max_train_steps == 0 and self.num_train_epochs == 0:
+            problems.append("set max_train_steps or num_train_epochs to a number above 0")
+        if self.model_type == "lora" and not self.lycoris_config:
+            problems.append("lycoris_config is required when model_type is lora (lora_type lycoris)")
+        if self.enable_group_offload and self.enable_model_cpu_offload:
+            problems.append(
+                "enable_group_offload and enable_model_cpu_offload cannot be combined: keep one "
+                "(group offload is the one that trains in less VRAM)"
+            )
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("push_to_hub is true but hub_model_id is not set (e.g. 'you/auraflow-lokr')")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def model_source(self) -> str:
+        """What to load the base model from: an explicit path/URI/repo id, else the flavour's repo."""
+        return self.pretrained_model_name_or_path or FLAVOUR_REPOS[self.model_flavour]
+
+    @property
+    def max_token_length(self) -> int:
+        """SimpleTuner truncates AuraFlow prompts at 120 tokens, 768 for the pony flavour."""
+        if self.tokenizer_max_length:
+            return self.tokenizer_max_length
+        return 768 if self.model_flavour == "pony" else 120
+
+    @property
+    def validation_sizes(self) -> list[tuple[int, int]]:
+        sizes = []
+        for part in self.validation_resolution.split(","):
+            w, _, h = part.strip().lower().partition("x")
+            sizes.append((int(w), int(h or w)))
+        return sizes
+
+
+class DatasetConfig(_Strict):
+    """One image backend of ``multidatabackend.json``."""
+
+    id: str = Field(min_length=1)
+    type: Literal["local", "aws", "huggingface"] = "local"
+    dataset_type: Literal["image"] = "image"
+    disabled: bool = False
+    instance_data_dir: str | None = None
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "huggingface"] = "filename"
+    instance_prompt: str | None = None
+    crop: bool = False
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    crop_style: Literal["center", "centre", "random", "corner"] = "random"
+    resolution: float | None = Field(default=None, gt=0)
+    resolution_type: ResolutionType | None = None
+    minimum_image_size: float | None = Field(default=None, ge=0)
+    maximum_image_size: float | None = Field(default=None, gt=0)
+    target_downsample_size: float | None = Field(default=None, gt=0)
+    repeats: int = Field(default=0, ge=0)
+    is_regularisation_data: bool = False
+    caption_dropout_probability: float | None = Field(default=None, ge=0, le=1)
+    cache_dir_vae: str | None = None
+    # SimpleTuner's S3 backend.
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str = ""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+    # SimpleTuner's Hub dataset backend.
+    dataset_name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    @model_validator(mode="after")
+    def _source_present(self) -> "DatasetConfig":
+        if self.type == "local" and not self.instance_data_dir:
+            raise ValueError("a local dataset needs instance_data_dir")
+        if self.type == "aws" and not self.aws_bucket_name:
+            raise ValueError("an aws dataset needs aws_bucket_name")
+        if self.type == "huggingface" and not self.dataset_name:
+            raise ValueError("a huggingface dataset needs dataset_name (owner/name)")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy instanceprompt needs instance_prompt")
+        return self
+
+
+class TextEmbedsConfig(_Strict):
+    """The ``dataset_type: text_embeds`` backend: where the text-embedding cache lives."""
+
+    id: str = "text-embeds"
+    type: Literal["local"] = "local"
+    dataset_type: Literal["text_embeds"] = "text_embeds"
+    default: bool = True
+    disabled: bool = False
+    cache_dir: str | None = None
+    write_batch_size: int | None = Field(default=None, gt=0)
+
+
+class PresetConfig(_Strict):
+    target_module: list[str] = Field(default_factory=list)
+    target_name: list[str] = Field(default_factory=list)
+    module_algo_map: dict[str, dict[str, object]] = Field(default_factory=dict)
+    name_algo_map: dict[str, dict[str, object]] = Field(default_factory=dict)
+    use_fnmatch: bool = False
+    unet_target_module: list[str] = Field(default_factory=list)
+    unet_target_name: list[str] = Field(default_factory=list)
+    exclude_name: list[str] = Field(default_factory=list)
+    lora_prefix: str | None = None
+
+
+class LycorisConfig(BaseModel):
+    """``lycoris_config.json``. Unlisted keys pass through to ``create_lycoris`` as LyCORIS kwargs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    algo: Literal["lokr"] = "lokr"
+    # SimpleTuner truncates the multiplier with int(); a float is what the user wrote.
+    multiplier: float = 1.0
+    linear_dim: int = Field(default=10000, gt=0)
+    linear_alpha: float = 1.0
+    factor: int = -1
+    apply_preset: PresetConfig | None = None
