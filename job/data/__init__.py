@@ -1,0 +1,1 @@
+"""Dataset discovery, captions, image transforms, aspect buckets and the sampler."""

@@ -1,0 +1,1 @@
+"""Loading AuraFlow components, the tiny model, quantization, LoKr and group offload."""

@@ -1,0 +1,1 @@
+"""URIs and the local, S3 and Hub storage backends."""

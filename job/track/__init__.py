@@ -1,0 +1,1 @@
+"""Logging, progress, trackers, webhooks and status.json."""

@@ -1,0 +1,1 @@
+"""The training loop: loss, optimizers, schedules, EMA, checkpoints, preemption."""

@@ -1,0 +1,1 @@
+"""Validation images and the eval loss."""
