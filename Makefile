@@ -7,7 +7,7 @@ DEMO ?= demo
 .PHONY: demo test lint clean
 
 $(VENV)/.installed: pyproject.toml docker/install.sh docker/constraints.txt
-	VENV=$(VENV) PYTHON=$(PYTHON) bash docker/install.sh
+	LOKR_VENV=$(VENV) PYTHON=$(PYTHON) TORCH_INDEX_URL= LOKR_EXTRAS=dev LOKR_EDITABLE=1 bash docker/install.sh
 	touch $@
 
 demo: $(VENV)/.installed
