@@ -6,6 +6,9 @@ import pytest
 
 from job.tiny import write_tiny_job
 
+# The real S3 (moto) and Hub-protocol servers, with fault injection: fixtures `s3`, `hub`, `moto_server`.
+pytest_plugins = ["servers.fixtures"]
+
 SEED_CONFIG = Path(__file__).parent / "fixtures" / "seed" / "config"
 
 

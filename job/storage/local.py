@@ -1,0 +1,154 @@
+"""The local filesystem (and mounted volumes) behind the same interface as S3 and the Hub."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from job.errors import ConfigError, PermissionDeniedError
+from job.storage.base import ObjectInfo, TransferReport
+from job.storage.sync import (
+    Manifest,
+    atomic_write_bytes,
+    iter_upload_files,
+    part_path,
+    plan_download,
+    progress_bar,
+)
+from job.storage.uri import Location, parse_uri
+
+
+def _path(uri: Location) -> Path:
+    parsed = parse_uri(uri)
+    if parsed.scheme != "file":
+        raise ConfigError(f"{uri} is not a local path")
+    return Path(parsed.path)
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    # size+mtime is the cheap change token; hashing every file of a dataset on each fetch would not be.
+    return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", mtime=st.st_mtime)
+
+
+@contextlib.contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise ConfigError(f"{what}: {exc.strerror or exc}") from exc
+    except PermissionError as exc:
+        raise PermissionDeniedError(f"{what}: permission denied ({exc.filename})") from exc
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = part_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    def list(self, prefix: Location) -> list[ObjectInfo]:
+        root = _path(prefix)
+        if not root.is_dir():
+            return []
+        with _os_errors(f"cannot list {root}"):
+            return [_info(rel, path.stat()) for rel, path in iter_upload_files(root)]
+
+    def stat(self, uri: Location) -> ObjectInfo | None:
+        path = _path(uri)
+        with _os_errors(f"cannot stat {path}"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+        return _info(str(path), st) if path.is_file() else None
+
+    def read_bytes(self, uri: Location) -> bytes:
+        path = _path(uri)
+        with _os_errors(f"cannot read {path}"):
+            return path.read_bytes()
+
+    def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:
+        path = _path(uri)
+        with _os_errors(f"cannot write {path}"):
+            atomic_write_bytes(path, data)
+
+    def download_file(self, uri: Location, local_path: str | Path) -> ObjectInfo:
+        src = _path(uri)
+        with _os_errors(f"cannot copy {src}"):
+            info = _info(str(src), src.stat())
+            _copy_atomic(src, Path(local_path))
+        return info
+
+    def download_prefix(
+        self,
+        prefix_uri: Location,
+        local_dir: str | Path,
+        *,
+        progress: bool = True,
+        allow_patterns: Sequence[str] | None = None,
+    ) -> TransferReport:
+        root = _path(prefix_uri)
+        if not root.is_dir():
+            raise ConfigError(f"{root} is not a folder")
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(dest)
+        todo, skipped = plan_download(
+            self.list(root), dest, manifest, source=str(root), allow_patterns=allow_patterns
+        )
+        moved = 0
+        bar = progress_bar(total=sum(o.size for o, _ in todo), desc=f"copy {root}", enabled=progress)
+        try:
+            with bar, _os_errors(f"cannot copy from {root}"):
+                for obj, target in todo:
+                    _copy_atomic(root / obj.key, target)
+                    manifest.record(obj.key, obj)
+                    moved += obj.size
+                    bar.update(obj.size)
+        finally:
+            manifest.save(str(root))
+        return TransferReport(transferred=len(todo), skipped=skipped, bytes=moved)
+
+    def upload_file(
+        self, local_path: str | Path, uri: Location, *, commit_message: str | None = None
+    ) -> None:
+        dst = _path(uri)
+        with _os_errors(f"cannot copy {local_path} to {dst}"):
+            _copy_atomic(Path(local_path), dst)
+
+    def upload_folder(
+        self,
+        local_dir: str | Path,
+        prefix_uri: Location,
+        *,
+        commit_message: str | None = None,
+        progress: bool = True,
+    ) -> TransferReport:
+        src, dst = Path(local_dir), _path(prefix_uri)
+        if not src.is_dir():
+            raise ConfigError(f"cannot upload {src}: not a folder")
+        files = list(iter_upload_files(src))
+        total = 0
+        with _os_errors(f"cannot copy {src} to {dst}"):
+            for rel, path in files:
+                _copy_atomic(path, dst / rel)
+                total += path.stat().st_size
+        return TransferReport(transferred=len(files), bytes=total)
+
+    def delete(self, uri: Location) -> None:
+        path = _path(uri)
+        if path.resolve() == Path(path.resolve().anchor):
+            raise ConfigError(f"refusing to delete the filesystem root {path}")
+        with _os_errors(f"cannot delete {path}"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,382 @@
+"""S3 and S3-compatible stores (R2, MinIO, B2) through boto3 and its transfer manager.
+
+Credentials come only from boto3's standard chain (env, profile, instance role, IRSA). ``AWS_ENDPOINT_URL``
+is honoured by boto3 itself; ``endpoint_url``/``region`` override it (SimpleTuner's ``aws_endpoint_url``,
+``aws_region_name``). botocore's own retries are switched off so that one policy (``job.storage.retry``)
+decides, with the job's exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ResponseStreamingError,
+)
+from s3transfer.exceptions import RetriesExceededError
+from s3transfer.subscribers import BaseSubscriber
+
+from job.errors import ConfigError, JobError, PermissionDeniedError, TransientError
+from job.storage import retry
+from job.storage.base import ObjectInfo, TransferReport
+from job.storage.sync import (
+    Manifest,
+    iter_upload_files,
+    part_path,
+    plan_download,
+    progress_bar,
+)
+from job.storage.uri import URI, Location, parse_uri
+
+T = TypeVar("T")
+
+_DENIED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccountProblem",
+}
+_RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+_MISSING = object()
+
+
+class _KnownObject(BaseSubscriber):
+    """Hands the listing's size and ETag to s3transfer: no HeadObject per file, and ranged parts of a
+    large object carry If-Match so a concurrent overwrite cannot be stitched into a corrupt file."""
+
+    def __init__(self, size: int, etag: str | None):
+        self._size, self._etag = size, etag
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self._size)
+        if self._etag:
+            future.meta.provide_object_etag(f'"{self._etag}"')
+
+
+class _Progress(BaseSubscriber):
+    def __init__(self, bar: Any):
+        self._bar = bar
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._bar.update(bytes_transferred)
+
+
+class S3Storage:
+    def __init__(
+        self, *, endpoint_url: str | None = None, region: str | None = None, max_concurrency: int = 0
+    ):
+        self._endpoint_url = endpoint_url or None
+        self._region = region or None
+        self._workers = max_concurrency or int(os.environ.get("LOKR_S3_CONCURRENCY", "16"))
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._client: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _s3(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._session = boto3.session.Session(region_name=self._region)
+                custom = (
+                    self._endpoint_url
+                    or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL")
+                )
+                options: dict[str, Any] = {
+                    "retries": {"mode": "standard", "total_max_attempts": 1},
+                    "max_pool_connections": self._workers * 2 + 4,
+                    "connect_timeout": 10,
+                    "read_timeout": 60,
+                }
+                if custom:
+                    # S3-compatible stores want path-style addressing, and several reject the CRC trailers
+                    # botocore sends by default since 1.36.
+                    options["s3"] = {"addressing_style": "path"}
+                    options["request_checksum_calculation"] = "when_required"
+                    options["response_checksum_validation"] = "when_required"
+                self._client = self._session.client(
+                    "s3", endpoint_url=self._endpoint_url, config=Config(**options)
+                )
+            return self._client
+
+    def _credential_source(self) -> str:
+        try:
+            creds = (self._session or boto3.session.Session()).get_credentials()
+        except Exception:  # a broken profile must not hide the original error
+            return "unknown (credential chain failed)"
+        return creds.method if creds is not None else "none found"
+
+    def _classifier(self, uri: URI, action: str) -> retry.Classifier:
+        def classify(exc: BaseException) -> JobError | retry.Retryable | None:
+            if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+                return PermissionDeniedError(
+                    f"no usable AWS credentials to {action} {uri} (bucket '{uri.bucket}'): set AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/IRSA role"
+                )
+            if isinstance(exc, ClientError):
+                return self._classify_client_error(exc, uri, action)
+            if isinstance(
+                exc, HTTPClientError | IncompleteReadError | ResponseStreamingError | RetriesExceededError
+            ):
+                return retry.Retryable(exc)
+            return None
+
+        return classify
+
+    def _classify_client_error(
+        self, exc: ClientError, uri: URI, action: str
+    ) -> JobError | retry.Retryable | None:
+        error = exc.response.get("Error", {})
+        meta = exc.response.get("ResponseMetadata", {})
+        code = str(error.get("Code", ""))
+        status = int(meta.get("HTTPStatusCode") or 0)
+        if status in (401, 403) or code in _DENIED:
+            return PermissionDeniedError(
+                f"access denied to S3 bucket '{uri.bucket}' trying to {action} {uri} ({code or status}); "
+                f"AWS credentials in use: {self._credential_source()}"
+            )
+        if code == "NoSuchBucket":
+            return ConfigError(f"S3 bucket '{uri.bucket}' does not exist (needed to {action} {uri})")
+        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+            return ConfigError(f"{uri} does not exist (trying to {action} it)")
+        if status == 412 or code == "PreconditionFailed":
+            return TransientError(f"{uri} changed while it was being downloaded; run again")
+        if status >= 500 or status in (408, 429) or code in _RETRY_CODES:
+            headers = meta.get("HTTPHeaders", {}) or {}
+            return retry.Retryable(exc, retry.parse_retry_after(headers.get("retry-after")))
+        return ConfigError(
+            f"S3 refused to {action} {uri}: {code or status} {error.get('Message', '')}".strip()
+        )
+
+    def _call(self, uri: URI, action: str, fn: Callable[[], T]) -> T:
+        return retry.call(fn, what=f"{action} {uri}", classify=self._classifier(uri, action))
+
+    def _manager(self) -> Any:
+        config = TransferConfig(max_concurrency=self._workers, preferred_transfer_client="classic")
+        return create_transfer_manager(self._s3(), config)
+
+    @staticmethod
+    def _s3_uri(uri: Location) -> URI:
+        parsed = parse_uri(uri)
+        if parsed.scheme != "s3":
+            raise ConfigError(f"{uri} is not an s3:// URI")
+        return parsed
+
+    @staticmethod
+    def _object_key(uri: URI) -> str:
+        if not uri.path:
+            raise ConfigError(f"{uri} names a bucket, not an object")
+        return uri.path
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def list(self, prefix: Location) -> list[ObjectInfo]:
+        uri = self._s3_uri(prefix)
+        key_prefix = f"{uri.path}/" if uri.path else ""
+
+        def run() -> list[ObjectInfo]:
+            found = []
+            pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=key_prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    found.append(
+                        ObjectInfo(
+                            key=obj["Key"][len(key_prefix) :],
+                            size=int(obj["Size"]),
+                            etag=str(obj.get("ETag", "")).strip('"') or None,
+                            mtime=obj["LastModified"].timestamp() if obj.get("LastModified") else None,
+                        )
+                    )
+            return sorted(found, key=lambda o: o.key)
+
+        return self._call(uri, "list", run)
+
+    def stat(self, uri: Location) -> ObjectInfo | None:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+
+        def head() -> Any:
+            try:
+                return self._s3().head_object(Bucket=parsed.bucket, Key=key)
+            except ClientError as exc:
+                if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) == 404:
+                    return _MISSING
+                raise
+
+        found = self._call(parsed, "stat", head)
+        if found is _MISSING:
+            # A HEAD 404 has no body, so "no such key" and "no such bucket" look alike: ask the bucket.
+            self._call(parsed, "open the bucket of", lambda: self._s3().head_bucket(Bucket=parsed.bucket))
+            return None
+        return ObjectInfo(
+            key=key,
+            size=int(found["ContentLength"]),
+            etag=str(found.get("ETag", "")).strip('"') or None,
+            mtime=found["LastModified"].timestamp() if found.get("LastModified") else None,
+        )
+
+    def read_bytes(self, uri: Location) -> bytes:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+        # The body is read inside the attempt: a connection cut mid-body is retried like any other failure.
+        return self._call(
+            parsed, "read", lambda: self._s3().get_object(Bucket=parsed.bucket, Key=key)["Body"].read()
+        )
+
+    def download_file(self, uri: Location, local_path: str | Path) -> ObjectInfo:
+        parsed = self._s3_uri(uri)
+        info = self.stat(parsed)
+        if info is None:
+            raise ConfigError(f"{parsed} does not exist")
+        with self._manager() as manager:
+            self._fetch(manager, parsed, info, Path(local_path), None)
+        return info
+
+    def download_prefix(
+        self,
+        prefix_uri: Location,
+        local_dir: str | Path,
+        *,
+        progress: bool = True,
+        allow_patterns: Sequence[str] | None = None,
+    ) -> TransferReport:
+        uri = self._s3_uri(prefix_uri)
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(dest)
+        todo, skipped = plan_download(
+            self.list(uri), dest, manifest, source=str(uri), allow_patterns=allow_patterns
+        )
+        bar = progress_bar(total=sum(o.size for o, _ in todo), desc=f"fetch {uri}", enabled=progress)
+
+        def one(obj: ObjectInfo, target: Path) -> None:
+            self._fetch(manager, uri.join(obj.key), obj, target, bar)
+            manifest.record(obj.key, obj)
+
+        try:
+            with bar, self._manager() as manager:
+                self._run_all([lambda o=o, t=t: one(o, t) for o, t in todo])
+        finally:
+            manifest.save(str(uri))
+        return TransferReport(transferred=len(todo), skipped=skipped, bytes=sum(o.size for o, _ in todo))
+
+    def _fetch(self, manager: Any, uri: URI, info: ObjectInfo, target: Path, bar: Any) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subscribers = [_KnownObject(info.size, info.etag)] + ([_Progress(bar)] if bar is not None else [])
+
+        def attempt() -> None:
+            # s3transfer writes its own temp file beside ours and renames it into place when complete; we then
+            # rename ours over the final name, so the final name only ever holds a whole object.
+            tmp = part_path(target)
+            try:
+                manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        self._call(uri, "download", attempt)
+
+    def _run_all(self, tasks: Sequence[Callable[[], None]]) -> None:
+        """Run tasks on a thread pool (many small objects are latency-bound); the first failure wins."""
+        if not tasks:
+            return
+        pool = ThreadPoolExecutor(max_workers=min(self._workers, len(tasks)), thread_name_prefix="s3")
+        try:
+            futures = [pool.submit(task) for task in tasks]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+        self._call(parsed, "write", lambda: self._s3().put_object(Bucket=parsed.bucket, Key=key, Body=data))
+
+    def upload_file(
+        self, local_path: str | Path, uri: Location, *, commit_message: str | None = None
+    ) -> None:
+        parsed = self._s3_uri(uri)
+        self._object_key(parsed)
+        with self._manager() as manager:
+            self._put(manager, Path(local_path), parsed, None)
+
+    def _put(self, manager: Any, path: Path, uri: URI, bar: Any) -> None:
+        if not path.is_file():
+            raise ConfigError(f"cannot upload {path}: not a file")
+        subscribers = [_Progress(bar)] if bar is not None else []
+        self._call(
+            uri,
+            "upload",
+            lambda: manager.upload(str(path), uri.bucket, uri.path, subscribers=subscribers).result(),
+        )
+
+    def upload_folder(
+        self,
+        local_dir: str | Path,
+        prefix_uri: Location,
+        *,
+        commit_message: str | None = None,
+        progress: bool = True,
+    ) -> TransferReport:
+        uri = self._s3_uri(prefix_uri)
+        src = Path(local_dir)
+        if not src.is_dir():
+            raise ConfigError(f"cannot upload {src}: not a folder")
+        files = list(iter_upload_files(src))
+        total = sum(p.stat().st_size for _, p in files)
+        bar = progress_bar(total=total, desc=f"upload {uri}", enabled=progress)
+        with bar, self._manager() as manager:
+            self._run_all([lambda r=r, p=p: self._put(manager, p, uri.join(r), bar) for r, p in files])
+        return TransferReport(transferred=len(files), bytes=total)
+
+    def delete(self, uri: Location) -> None:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+        keys = [f"{key}/{o.key}" for o in self.list(parsed)] + [key]
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+
+            def remove(batch: list[str] = batch) -> None:
+                answer = self._s3().delete_objects(
+                    Bucket=parsed.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+                errors = answer.get("Errors") or []
+                if errors:
+                    first = errors[0]
+                    fake = {"Error": first, "ResponseMetadata": {"HTTPStatusCode": 0}}
+                    raise ClientError(fake, "DeleteObjects")  # type: ignore[arg-type]
+
+            self._call(parsed, "delete", remove)
