@@ -12,7 +12,8 @@ import traceback
 from collections.abc import Sequence
 
 from job import __version__
-from job.errors import ExitCode, JobError
+from job.errors import ConfigError, ExitCode, JobError
+from job.track.logs import setup_logging
 
 log = logging.getLogger("lokr")
 
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("dest", metavar="DIR", help="folder to write the tiny job into")
             continue
         _add_job_options(sub)
+        if name == "infer":
+            from job.infer import add_infer_arguments
+
+            add_infer_arguments(sub)
     return parser
 
 
@@ -94,7 +99,7 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         _dispatch(args)
     except JobError as exc:
@@ -120,21 +125,20 @@ def _dispatch(args: argparse.Namespace) -> None:
     from job import stages
     from job.context import open_context
 
-    if not args.config:
-        from job.errors import ConfigError
+    if args.command == "infer" and args.base_model and not args.config:
+        from job.infer import run_infer
 
+        run_infer(args, None)
+        return
+    if not args.config:
         raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
     ctx = open_context(args.config, args.workdir, args.run_uri, args.overrides)
+    if args.command == "infer":
+        from job.infer import run_infer
+
+        run_infer(args, ctx)
+        return
     getattr(stages, args.command)(ctx)
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOKR_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 if __name__ == "__main__":

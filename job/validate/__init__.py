@@ -1,1 +1,1 @@
-"""Validation images and the eval loss."""
+"""Validation during training: the prompts, the images, and a deterministic eval loss."""

@@ -1,0 +1,232 @@
+"""``lokr-job infer``: images from the base model with a trained LoKr merged in.
+
+The adapter is merged into the transformer's weights (bf16 on CUDA, fp32 on CPU) and only then, if
+asked, quantized to int8: LyCORIS cannot merge into quanto layers and silently does nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from job.errors import ConfigError
+from job.publish.card import ADAPTER_FILENAME
+from job.track.logs import adopt_library_loggers
+from job.track.progress import Progress
+from job.validate.prompts import safe_nickname, validation_prompts
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AuraFlowPipeline
+
+    from job.context import JobContext
+
+log = logging.getLogger("lokr.infer")
+
+T = TypeVar("T")
+
+# Used when neither the command line nor a config says otherwise.
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_SIZE = 1024
+DEFAULT_SEED = 42
+# AuraFlowPipeline's own default; with a config, prompts are padded to the training length instead.
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+
+def infer(
+    base_model: str | Path,
+    adapter: str | Path | None,
+    prompts: Mapping[str, str] | Sequence[str],
+    out_dir: Path,
+    *,
+    scale: float = 1.0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    width: int = DEFAULT_SIZE,
+    height: int = DEFAULT_SIZE,
+    seed: int = DEFAULT_SEED,
+    int8: bool = False,
+    negative_prompt: str = "",
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+) -> list[Path]:
+    """Write one PNG per prompt to ``out_dir`` and return their paths.
+
+    ``adapter`` is a ``.safetensors`` file, a folder holding ``pytorch_lora_weights.safetensors``, or an
+    ``s3://``/``hf://`` URI of either; None renders the base model alone. ``prompts`` is a list, or a
+    mapping nickname → prompt that names the files. Every image starts from ``seed``.
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = _load_pipeline(str(base_model), torch.bfloat16 if device == "cuda" else torch.float32)
+    if adapter is not None:
+        _merge_adapter(pipeline, adapter, scale)
+    if int8:
+        from optimum.quanto import freeze, qint8, quantize
+
+        quantize(pipeline.transformer, weights=qint8)
+        freeze(pipeline.transformer)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=not sys.stderr.isatty())
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    named = _named(prompts)
+    with Progress("infer", len(named), unit="img", interval_s=0) as progress:
+        for name, prompt in named.items():
+            image = pipeline(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                max_sequence_length=max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+            path = out_dir / f"{name}.png"
+            image.save(path)
+            paths.append(path)
+            progress.update()
+    return paths
+
+
+def _load_pipeline(base_model: str, dtype: torch.dtype) -> AuraFlowPipeline:
+    from diffusers import AuraFlowPipeline
+
+    from job.storage import is_remote
+
+    if is_remote(base_model):
+        raise ConfigError(
+            f"base model {base_model!r} is a URI; give a Hub repo id (owner/name) or a local diffusers folder"
+        )
+    try:
+        pipeline = AuraFlowPipeline.from_pretrained(base_model, dtype=dtype)
+    except OSError as exc:
+        raise ConfigError(f"cannot load an AuraFlow pipeline from {base_model!r}: {exc}") from exc
+    adopt_library_loggers()
+    return pipeline
+
+
+def _merge_adapter(pipeline: AuraFlowPipeline, adapter: str | Path, scale: float) -> None:
+    from lycoris import create_lycoris_from_weights
+
+    from job.model.lokr import reset_lycoris_preset
+
+    # Module names are matched under LyCORIS's prefix, which a training preset in this process may
+    # have changed.
+    reset_lycoris_preset()
+    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
+        path = _local_adapter(str(adapter), Path(scratch))
+        network, _ = create_lycoris_from_weights(scale, str(path), pipeline.transformer)
+    if not network.loras:
+        raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
+    # merge_to applies its own argument as the scale; the multiplier above does not reach the merge.
+    network.merge_to(scale)
+    log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
+
+
+def _local_adapter(adapter: str, scratch: Path) -> Path:
+    from job.storage import is_remote, join, storage_for
+
+    if is_remote(adapter):
+        uri = adapter if adapter.endswith(".safetensors") else join(adapter, ADAPTER_FILENAME)
+        local = scratch / ADAPTER_FILENAME
+        storage_for(uri).download_file(uri, local)
+        return local
+    path = Path(adapter.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        path = path / ADAPTER_FILENAME
+    if not path.is_file():
+        raise ConfigError(f"adapter {adapter!r}: no such file (give the .safetensors file or its folder)")
+    return path
+
+
+def _named(prompts: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    if isinstance(prompts, Mapping):
+        return {safe_nickname(name): prompt for name, prompt in prompts.items()}
+    # Numbered, so two prompts that differ only in punctuation still get two files.
+    return {f"{i:02d}-{safe_nickname(prompt)[:48]}": prompt for i, prompt in enumerate(prompts)}
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``lokr-job infer``. Unset ones come from ``--config`` when given (see run_infer)."""
+    parser.add_argument(
+        "--adapter",
+        metavar="PATH|URI",
+        help=f"the adapter: a .safetensors file or a folder holding {ADAPTER_FILENAME}, local, s3:// or "
+        "hf:// (default with --config: <workdir>/output)",
+    )
+    parser.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        help="a prompt (repeatable; default with --config: the validation prompts)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="folder for the PNGs (default: <workdir>/output/infer, else ./infer)"
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1.0)")
+    parser.add_argument("--steps", type=int, metavar="N", help=f"inference steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, help=f"guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--width", type=int, help=f"image width, a multiple of 16 (default {DEFAULT_SIZE})")
+    parser.add_argument("--height", type=int, help=f"image height, a multiple of 16 (default {DEFAULT_SIZE})")
+    parser.add_argument("--seed", type=int, help=f"seed for every image (default {DEFAULT_SEED})")
+    parser.add_argument(
+        "--int8", action="store_true", help="quantize the merged transformer to int8 (optimum-quanto)"
+    )
+    parser.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (default: none)")
+    parser.add_argument(
+        "--base-model",
+        metavar="REPO|PATH",
+        help="Hub repo id or local diffusers folder (default with --config: the config's model)",
+    )
+
+
+def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
+    """``lokr-job infer``: the command line's values, else the config's validation settings, else defaults."""
+    job = ctx.config.job if ctx is not None else None
+    base_model = args.base_model or (job.model_source if job else None)
+    if not base_model:
+        raise ConfigError("infer: pass --base-model (a Hub repo id or local folder) or --config")
+    adapter = args.adapter or (ctx.workdir.output if ctx is not None else None)
+    if adapter is None:
+        raise ConfigError("infer: pass --adapter (the trained .safetensors file or its folder) or --config")
+    prompts: Mapping[str, str] | Sequence[str] = args.prompts or (
+        validation_prompts(ctx.config) if ctx else []
+    )
+    if not prompts:
+        raise ConfigError("infer: pass at least one --prompt (the config has no validation prompts)")
+    size = job.validation_sizes[0] if job else (DEFAULT_SIZE, DEFAULT_SIZE)
+    out = Path(args.out) if args.out else (ctx.workdir.output / "infer" if ctx else Path("infer"))
+    paths = infer(
+        base_model,
+        adapter,
+        prompts,
+        out,
+        scale=args.scale,
+        steps=_first(args.steps, job.validation_num_inference_steps if job else DEFAULT_STEPS),
+        guidance=_first(args.guidance, job.validation_guidance if job else DEFAULT_GUIDANCE),
+        width=_first(args.width, size[0]),
+        height=_first(args.height, size[1]),
+        seed=_first(args.seed, job.validation_seed if job else DEFAULT_SEED),
+        int8=args.int8,
+        negative_prompt=_first(args.negative_prompt, job.validation_negative_prompt if job else ""),
+        max_sequence_length=job.max_token_length if job else DEFAULT_MAX_SEQUENCE_LENGTH,
+    )
+    for path in paths:
+        print(path)
+    return paths
+
+
+def _first(given: T | None, fallback: T) -> T:
+    """The command line's value when given (0 and "" count as given), else the fallback."""
+    return fallback if given is None else given

@@ -1,0 +1,133 @@
+"""Log setup for the whole job: human-readable lines by default, JSON lines for log collectors.
+
+``LOKR_LOG_FORMAT=json`` gives one JSON object per line (``ts``, ``level``, ``logger``, ``msg`` and any
+``extra=`` fields); ``LOKR_LOG_LEVEL`` sets the level (default INFO). Every record passes a filter that
+masks credentials, and the formatted line is masked again so that exception text and structured extras
+are covered too. Only the standard library is imported here: the CLI calls this at start-up.
+"""
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from job.track.redact import redact
+
+LOG_FORMAT_ENV = "LOKR_LOG_FORMAT"
+LOG_LEVEL_ENV = "LOKR_LOG_LEVEL"
+
+# Libraries that give their own logger a stderr handler (and transformers/diffusers stop propagation):
+# their records would bypass our format and our redaction.
+LIBRARY_LOGGERS = ("transformers", "diffusers", "huggingface_hub")
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+}
+# Marks the handler setup_logging installs, so a second call replaces it instead of doubling lines.
+_OWN_HANDLER = "_lokr_handler"
+_TRACEBACK_FORMATTER = logging.Formatter()
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in a record's message, traceback and string extras before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # A broken %-format: let the handler report it as logging always does.
+            return True
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACK_FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for key, value in extra_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, redact(value))
+        return True
+
+
+class HumanFormatter(logging.Formatter):
+    """``2025-01-31 12:00:00 INFO lokr: message key=value ...``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        extras = " ".join(f"{k}={v}" for k, v in extra_fields(record).items())
+        return f"{line} {extras}" if extras else line
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; extras become top-level fields, a traceback goes in ``exc``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = extra_fields(record)
+        entry.update(
+            ts=datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            level=record.levelname,
+            logger=record.name,
+            msg=record.getMessage(),
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+def setup_logging(stream: TextIO | None = None) -> logging.Handler:
+    """Install the job's log handler on the root logger (replacing one from an earlier call)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OWN_HANDLER, False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    json_lines = os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else HumanFormatter())
+    handler.addFilter(RedactingFilter())
+    setattr(handler, _OWN_HANDLER, True)
+    root.addHandler(handler)
+
+    level = os.environ.get(LOG_LEVEL_ENV, "INFO").strip().upper()
+    try:
+        root.setLevel(level)
+    except ValueError:
+        root.setLevel(logging.INFO)
+        logging.getLogger("lokr").warning("%s=%s is not a log level; using INFO", LOG_LEVEL_ENV, level)
+    # Python warnings (deprecations from diffusers, torch) go through the same format and redaction.
+    logging.captureWarnings(True)
+    adopt_library_loggers()
+    return handler
+
+
+def adopt_library_loggers() -> None:
+    """Route transformers/diffusers/huggingface_hub records through the root handler.
+
+    Those libraries attach their own stderr handler when first imported, so call this again after
+    importing them (the job's heavy entry points do). It touches only loggers that already exist, so it
+    never imports the libraries itself.
+    """
+    for name in LIBRARY_LOGGERS:
+        logger = logging.root.manager.loggerDict.get(name)
+        if not isinstance(logger, logging.Logger):
+            continue
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

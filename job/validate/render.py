@@ -1,0 +1,135 @@
+"""Validation images from the transformer being trained, with its LoKr still applied in memory.
+
+The pipeline borrows the live transformer (nothing is saved or reloaded) and loads only the VAE, text
+encoder, tokenizer and scheduler from the model source. Every image gets a fresh generator seeded with
+``validation_seed``, so an image depends only on its prompt and size, not on what was rendered before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from job.track.logs import adopt_library_loggers
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+    from job.config.schema import JobConfig
+
+log = logging.getLogger("lokr.validate")
+
+
+def build_validation_pipeline(
+    model_source: str | Path,
+    transformer: AuraFlowTransformer2DModel,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+) -> AuraFlowPipeline:
+    """An AuraFlowPipeline around ``transformer`` (left where and as it is: it may be quantized or
+    group-offloaded); the other components are loaded in ``dtype`` and moved to ``device``."""
+    from diffusers import AuraFlowPipeline
+
+    pipeline = AuraFlowPipeline.from_pretrained(
+        model_source, transformer=transformer, dtype=dtype, revision=revision, cache_dir=cache_dir
+    )
+    adopt_library_loggers()
+    pipeline.text_encoder.to(device)
+    pipeline.vae.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def render_validation(
+    pipeline: AuraFlowPipeline, prompts: Mapping[str, str], job: JobConfig, step: int, out_dir: Path
+) -> list[Path]:
+    """Render every prompt at every ``validation_resolution`` into ``out_dir/step-<step>/``.
+
+    Files are ``<nickname>.png``, or ``<nickname>-<W>x<H>.png`` when several resolutions are set; the
+    paths come back in prompt order, resolutions inner, so ``{p.stem: p for p in paths}`` keys them for
+    ``Trackers.log_images``.
+    """
+    import torch
+
+    folder = Path(out_dir) / f"step-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = job.validation_sizes
+    transformer = pipeline.transformer
+    was_training = transformer.training
+    paths: list[Path] = []
+    transformer.eval()
+    try:
+        with (
+            torch.no_grad(),
+            guidance_rescale(transformer, job.validation_guidance, job.validation_guidance_rescale),
+        ):
+            for nickname, prompt in prompts.items():
+                for width, height in sizes:
+                    # A CPU generator gives the same starting noise on every device.
+                    generator = torch.Generator("cpu").manual_seed(job.validation_seed)
+                    image = pipeline(
+                        prompt=prompt,
+                        negative_prompt=job.validation_negative_prompt,
+                        num_inference_steps=job.validation_num_inference_steps,
+                        guidance_scale=job.validation_guidance,
+                        width=width,
+                        height=height,
+                        generator=generator,
+                        # Training embedded prompts padded to this length, and AuraFlow's transformer
+                        # has no text mask: the padding length changes the image.
+                        max_sequence_length=job.max_token_length,
+                    ).images[0]
+                    name = f"{nickname}-{width}x{height}.png" if len(sizes) > 1 else f"{nickname}.png"
+                    image.save(folder / name)
+                    paths.append(folder / name)
+    finally:
+        transformer.train(was_training)
+    log.info("validation: %d images at step %d in %s", len(paths), step, folder)
+    return paths
+
+
+@contextmanager
+def guidance_rescale(transformer: torch.nn.Module, guidance_scale: float, rescale: float) -> Iterator[None]:
+    """Apply ``validation_guidance_rescale`` although AuraFlowPipeline has no ``guidance_rescale``.
+
+    The pipeline combines the [unconditional, conditional] halves of the transformer's output as
+    ``u + g·(c - u)``. A forward hook replaces ``c`` by ``u + (target - u)/g``, so that combination comes
+    out as the rescaled ``target`` (Lin et al. 2023, section 3.4, as in diffusers' ``rescale_noise_cfg``).
+    Without classifier-free guidance (``g <= 1``) or with ``rescale`` 0 there is nothing to do.
+    """
+    import torch
+
+    if rescale <= 0 or guidance_scale <= 1:
+        yield
+        return
+
+    def rescale_output(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        uncond, cond = prediction.float().chunk(2)
+        guided = uncond + guidance_scale * (cond - uncond)
+        target = rescale_guided(guided, cond, rescale)
+        adjusted = torch.cat([uncond, uncond + (target - uncond) / guidance_scale]).to(prediction.dtype)
+        if isinstance(output, tuple):
+            return (adjusted, *output[1:])
+        output.sample = adjusted
+        return output
+
+    handle = transformer.register_forward_hook(rescale_output)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Match the guided prediction's per-sample std to the conditional one's, blended by ``rescale``."""
+    dims = list(range(1, cond.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided

@@ -1,0 +1,170 @@
+"""The model card: Hub front matter, settings, no secrets, and a python block that really runs."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from job.config.loader import ResolvedConfig, load_config
+from job.config.schema import DatasetConfig
+from job.infer import infer
+from job.model.lokr import attach_lokr, lycoris_settings, reset_lycoris_preset, save_adapter
+from job.publish.card import model_card
+
+HF = "hf_plantedCARDtoken0123456789abcdef"
+AWS_SECRET = "plantedCardAwsSecret0123456789"
+IMAGES = [
+    ("validation", "a red circle on blue", "images/step-24/validation.png"),
+    ("photo", "a photo of sks, a 'red' circle: on blue", "images/step-24/photo.png"),
+]
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_job: Path) -> ResolvedConfig:
+    return load_config(tiny_job, ["hub_model_id=someone/tiny-lokr"])
+
+
+@pytest.fixture(scope="module")
+def adapter(cfg: ResolvedConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A LoKr file as training writes it, with weights far enough from zero to change the images."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    transformer = AuraFlowTransformer2DModel.from_pretrained(cfg.job.model_source, subfolder="transformer")
+    network = attach_lokr(transformer, cfg.lycoris, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    path = tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors"
+    save_adapter(network, path, cfg.lycoris)
+    reset_lycoris_preset()
+    yield path
+
+
+def _front_matter(card: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, "the card must start with YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def _python_block(card: str) -> str:
+    (block,) = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
+    return block
+
+
+def test_front_matter_for_the_hub(cfg: ResolvedConfig) -> None:
+    card = model_card(cfg, base_model="terminusresearch/auraflow-v0.3", validation_images=IMAGES, step=24)
+    meta = _front_matter(card)
+    assert meta["base_model"] == "terminusresearch/auraflow-v0.3"
+    assert (meta["library_name"], meta["license"], meta["pipeline_tag"]) == (
+        "diffusers",
+        "apache-2.0",
+        "text-to-image",
+    )
+    assert {"lycoris", "lokr", "auraflow", "text-to-image", "diffusers"} <= set(meta["tags"])
+    assert [(w["text"], w["output"]["url"]) for w in meta["widget"]] == [(p, u) for _, p, u in IMAGES]
+    assert meta["widget"][0]["parameters"]["negative_prompt"] == cfg.job.validation_negative_prompt
+    assert "instance_prompt" not in meta  # the tiny job captions from text files
+
+
+@pytest.mark.parametrize(
+    ("base_model", "license_fields"),
+    [
+        ("fal/AuraFlow-v0.2", {"license": "apache-2.0"}),
+        (
+            "purplesmartai/pony-v7-base",
+            {"license": "other", "license_link": "https://huggingface.co/purplesmartai/pony-v7-base"},
+        ),
+    ],
+)
+def test_license_follows_the_base_model(cfg: ResolvedConfig, base_model: str, license_fields: dict) -> None:
+    meta = _front_matter(model_card(cfg, base_model=base_model, validation_images=[], step=1))
+    assert {k: meta.get(k) for k in license_fields} == license_fields
+
+
+def test_a_local_base_model_is_not_claimed_as_a_hub_repo(cfg: ResolvedConfig) -> None:
+    meta = _front_matter(model_card(cfg, base_model=cfg.job.model_source, validation_images=[], step=1))
+    assert "base_model" not in meta and meta["license"] == "other"
+
+
+def test_trigger_settings_and_lycoris_config(cfg: ResolvedConfig) -> None:
+    subject = DatasetConfig(
+        id="subject", instance_data_dir="/d", caption_strategy="instanceprompt", instance_prompt="sks shape"
+    )
+    with_subject = dataclasses.replace(cfg, datasets=[subject])
+    card = model_card(with_subject, base_model="fal/AuraFlow-v0.2", validation_images=IMAGES, step=24)
+    assert _front_matter(card)["instance_prompt"] == "sks shape"
+    assert "`sks shape`" in card
+    for row in ("| Steps | 24 (24 planned) |", "| Learning rate | 0.001 |", "| Optimizer | adamw |"):
+        assert row in card
+    assert "| Mixed precision | no |" in card and "| Resolution | 64 (pixel_area) |" in card
+    assert "| LR scheduler | constant |" in card and "| Batch size | 1 x 1 accumulation" in card
+    (lycoris_json,) = re.findall(r"```json\n(.*?)```", card, re.DOTALL)
+    assert json.loads(lycoris_json) == lycoris_settings(cfg.lycoris)
+    assert "![photo](images/step-24/photo.png)" in card
+
+
+def test_no_secrets_in_the_card(tiny_job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", HF)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    cfg = load_config(
+        tiny_job,
+        [
+            f"validation_prompt=a photo {HF}",
+            f"tracker_run_name={AWS_SECRET}",
+            "webhook_url=https://discord.example/api/webhooks/1/WEBHOOKSECRET",
+        ],
+    )
+    card = model_card(
+        cfg, base_model="fal/AuraFlow-v0.2", validation_images=[("v", f"x {HF}", "i.png")], step=1
+    )
+    for secret in (HF, AWS_SECRET, "WEBHOOKSECRET"):
+        assert secret not in card
+
+
+def test_the_python_block_runs_against_local_files(
+    cfg: ResolvedConfig, adapter: Path, tmp_path: Path
+) -> None:
+    code = _python_block(
+        model_card(cfg, base_model="terminusresearch/auraflow-v0.3", validation_images=IMAGES, step=24)
+    )
+    model = Path(cfg.job.model_source)
+    # The documented substitution: the BASE_MODEL and ADAPTER_FILE lines name local copies.
+    code, bases = re.subn(r"^BASE_MODEL = .*$", f"BASE_MODEL = {str(model)!r}", code, flags=re.MULTILINE)
+    code, adapters = re.subn(
+        r"^ADAPTER_FILE = .*$", f"ADAPTER_FILE = {str(adapter)!r}", code, flags=re.MULTILINE
+    )
+    assert (bases, adapters) == (1, 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "card.py").write_text(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(
+        [sys.executable, "card.py"], cwd=tmp_path / "run", env=env, check=True, capture_output=True
+    )
+    produced = np.asarray(Image.open(tmp_path / "run" / "output.png"))
+
+    # The same image as lokr-job infer gives with the card's settings, and not the base model's.
+    settings = {
+        "steps": cfg.job.validation_num_inference_steps,
+        "guidance": cfg.job.validation_guidance,
+        "width": 64,
+        "height": 64,
+        "seed": cfg.job.validation_seed,
+        "negative_prompt": cfg.job.validation_negative_prompt,
+        "max_sequence_length": cfg.job.max_token_length,
+    }
+    prompts = [cfg.job.validation_prompt]
+    (expected,) = infer(model, adapter, prompts, tmp_path / "infer", **settings)
+    (base,) = infer(model, None, prompts, tmp_path / "base", **settings)
+    assert np.array_equal(produced, np.asarray(Image.open(expected)))
+    assert not np.array_equal(produced, np.asarray(Image.open(base)))

@@ -1,0 +1,128 @@
+"""``lokr-job infer`` on the tiny model: the adapter changes images, seeds repeat, int8 merges first."""
+
+import argparse
+import shlex
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from job.config.loader import load_config
+from job.context import JobContext
+from job.errors import ConfigError
+from job.infer import add_infer_arguments, infer, run_infer
+from job.model.lokr import attach_lokr, reset_lycoris_preset, save_adapter
+from job.workdir import WorkDir
+
+PROMPT = "a red circle on blue"
+FAST = {"steps": 2, "width": 64, "height": 64, "seed": 3, "max_sequence_length": 64}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_job: Path) -> Path:
+    return tiny_job.parent.parent / "model"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_job: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A LoKr file as training writes it, with weights far enough from zero to change the images."""
+    from diffusers import AuraFlowTransformer2DModel
+
+    cfg = load_config(tiny_job)
+    transformer = AuraFlowTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    network = attach_lokr(transformer, cfg.lycoris, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    path = tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors"
+    save_adapter(network, path, cfg.lycoris)
+    reset_lycoris_preset()
+    yield path
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+def test_adapter_changes_the_image_and_a_seed_repeats_it(model: Path, adapter: Path, tmp_path: Path) -> None:
+    (first,) = infer(model, adapter, [PROMPT], tmp_path / "a", **FAST)
+    (again,) = infer(model, adapter, [PROMPT], tmp_path / "b", **FAST)
+    (base,) = infer(model, None, [PROMPT], tmp_path / "base", **FAST)
+    (off,) = infer(model, adapter, [PROMPT], tmp_path / "off", scale=0.0, **FAST)
+    (other_seed,) = infer(model, adapter, [PROMPT], tmp_path / "seed", **{**FAST, "seed": 4})
+    assert first.name == "00-a_red_circle_on_blue.png"
+    assert first.read_bytes() == again.read_bytes()
+    assert np.abs(_pixels(first) - _pixels(base)).mean() > 0.1
+    # The scale reaches the merge (merge_to ignores create_lycoris_from_weights' multiplier).
+    assert np.array_equal(_pixels(off), _pixels(base))
+    assert first.read_bytes() != other_seed.read_bytes()
+
+
+def test_int8_quantizes_after_merging(model: Path, adapter: Path, tmp_path: Path) -> None:
+    (full,) = infer(model, adapter, [PROMPT], tmp_path / "full", **FAST)
+    (int8,) = infer(model, adapter, [PROMPT], tmp_path / "int8", int8=True, **FAST)
+    (base,) = infer(model, None, [PROMPT], tmp_path / "base", int8=True, **FAST)
+    # Had the LoKr been applied to quantized layers it would do nothing: int8 would look like the base.
+    assert np.abs(_pixels(int8) - _pixels(full)).mean() < np.abs(_pixels(int8) - _pixels(base)).mean()
+
+
+def test_adapter_may_be_its_folder_and_prompts_may_be_named(
+    model: Path, adapter: Path, tmp_path: Path
+) -> None:
+    paths = infer(model, adapter.parent, {"cat/photo": "a cat", "dog": "a dog"}, tmp_path, **FAST)
+    assert [p.name for p in paths] == ["cat_photo.png", "dog.png"]
+
+
+def test_missing_adapter_is_a_config_error(model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        infer(model, tmp_path / "nothing.safetensors", [PROMPT], tmp_path, **FAST)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    return parser
+
+
+def test_cli_options_parse() -> None:
+    argv = shlex.split(
+        "--adapter s3://b/run/output --prompt one --prompt two --int8 --scale 0.5 "
+        "--negative-prompt blurry --base-model fal/AuraFlow-v0.2 --width 768"
+    )
+    args = _parser().parse_args(argv)
+    assert (args.adapter, args.prompts, args.int8, args.scale) == (
+        "s3://b/run/output",
+        ["one", "two"],
+        True,
+        0.5,
+    )
+    assert (args.negative_prompt, args.base_model, args.width, args.height) == (
+        "blurry",
+        "fal/AuraFlow-v0.2",
+        768,
+        None,
+    )
+
+
+def test_run_infer_takes_the_rest_from_the_config(tiny_job: Path, adapter: Path, tmp_path: Path) -> None:
+    workdir = WorkDir(tmp_path / "work")
+    workdir.output.mkdir(parents=True)
+    shutil.copy(adapter, workdir.output / adapter.name)
+    ctx = JobContext(config=load_config(tiny_job), workdir=workdir)
+    paths = run_infer(_parser().parse_args([]), ctx)
+    assert [p.relative_to(workdir.output).as_posix() for p in paths] == [
+        "infer/validation.png",
+        "infer/photo.png",
+        "infer/drawing.png",
+    ]
+    assert Image.open(paths[0]).size == (64, 64)
+
+
+def test_run_infer_without_config_needs_a_base_model() -> None:
+    with pytest.raises(ConfigError, match="--base-model"):
+        run_infer(_parser().parse_args(["--adapter", "x", "--prompt", "p"]), None)
