@@ -1,0 +1,93 @@
+"""A dataset's training plan, written by warm and read by training: its samples with their bucket and
+cache keys, and the text-cache identity (for the empty caption and validation prompts).
+
+It lives in ``<workdir>/cache/buckets/<dataset>.json``. Its fingerprint covers the settings that decide
+samples and keys (the dataset's block, seed, aspect rounding, model, max token length); training refuses a
+plan whose fingerprint differs from the current config's. repeats, is_regularisation_data,
+caption_dropout_probability and the batch shape are read from the config at training time instead.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.config.loader import ResolvedConfig
+from job.config.schema import DatasetConfig
+from job.data.buckets import Size
+from job.data.files import read_json, write_bytes_atomic
+
+_MANIFEST_VERSION = 1
+# Dataset keys that training reads from the config directly: changing them needs no warm.
+_TRAINING_TIME_KEYS = frozenset({"repeats", "is_regularisation_data", "caption_dropout_probability"})
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    relpath: str
+    bucket: Size
+    latent_key: str
+    text_keys: tuple[str, ...]  # one per caption; the sampler picks one per use
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset_id: str
+    fingerprint: str
+    text_identity: str
+    null_text_key: str
+    samples: list[PlannedSample]
+
+    def to_json(self) -> dict:
+        return {
+            "version": _MANIFEST_VERSION,
+            "dataset": self.dataset_id,
+            "fingerprint": self.fingerprint,
+            "text_identity": self.text_identity,
+            "null_text_key": self.null_text_key,
+            "samples": [[s.relpath, *s.bucket, s.latent_key, list(s.text_keys)] for s in self.samples],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Manifest":
+        return cls(
+            dataset_id=value["dataset"],
+            fingerprint=value["fingerprint"],
+            text_identity=value["text_identity"],
+            null_text_key=value["null_text_key"],
+            samples=[
+                PlannedSample(relpath, (width, height), latent, tuple(texts))
+                for relpath, width, height, latent, texts in value["samples"]
+            ],
+        )
+
+
+def plan_fingerprint(config: ResolvedConfig, dataset: DatasetConfig) -> str:
+    job = config.job
+    recipe = {
+        "version": _MANIFEST_VERSION,
+        "dataset": dataset.model_dump(mode="json", exclude=set(_TRAINING_TIME_KEYS)),
+        "seed": job.seed,
+        "aspect_bucket_rounding": job.aspect_bucket_rounding,
+        "model": job.model_source,
+        "max_token_length": job.max_token_length,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """Write the plan, unless the file already holds exactly this plan."""
+    data = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    write_bytes_atomic(path, data)
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    stored = read_json(path)
+    if not isinstance(stored, dict) or stored.get("version") != _MANIFEST_VERSION:
+        return None
+    return Manifest.from_json(stored)

@@ -1,0 +1,143 @@
+"""``lokr-job warm``: fill the latent and text-embedding caches, encoding only what is missing.
+
+1. Plan every dataset (cheap once warm): scan the folder, skip bad files, pick each image's transform and
+   bucket, drop buckets too small for a step, compute content keys. Config and data errors surface here,
+   for every dataset at once, before anything is encoded.
+2. Encode the missing latents, bucket by bucket in batches of ``vae_batch_size``, while a thread pool
+   decodes the next images.
+3. Encode the missing text embeddings (captions, the empty caption, validation prompts) in batches of
+   ``write_batch_size``.
+4. Write each dataset's training plan (``cache/buckets/<dataset>.json``) and bad-data report.
+
+The VAE and text encoder are loaded only when something is missing: a second warm on unchanged data
+reads a few index files and loads no model.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from job.cache import layout
+from job.cache.fill import LazyModel, fill_latents, fill_text
+from job.cache.identity import FileHashes, folder_identity
+from job.cache.keys import text_identity, text_key, vae_identity
+from job.cache.manifest import Manifest, PlannedSample, plan_fingerprint, write_manifest
+from job.cache.plan import DatasetPlan, check_config, drop_failed, plan_datasets
+from job.cache.report import WarmReport
+from job.cache.store import CacheIndex
+from job.context import JobContext
+from job.data.buckets import StepShape
+from job.errors import ConfigError
+from job.model.components import (
+    compute_device,
+    load_text_encoder,
+    load_vae,
+    model_geometry,
+    text_encoder_dtype,
+)
+from job.model.source import local_model_path
+
+log = logging.getLogger("lokr")
+
+VAE_DTYPE = "float32"
+
+
+def warm_caches(ctx: JobContext) -> WarmReport:
+    job = ctx.config.job
+    folder = Path(local_model_path(job, ctx.workdir))
+    geometry = model_geometry(folder)
+    check_config(ctx.config.datasets, geometry)
+    step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, _world_size_from_env())
+    device = compute_device()
+    vae_id, text_id = _identities(
+        ctx, folder, text_dtype=str(text_encoder_dtype(device)).removeprefix("torch.")
+    )
+
+    plans = plan_datasets(ctx, geometry, step, vae_id)
+    report = WarmReport([plan.report for plan in plans])
+
+    vae = LazyModel(lambda: load_vae(folder, device))
+    indexes: dict[Path, CacheIndex] = {}
+    for plan in plans:
+        index = indexes.setdefault(plan.cache_dir, CacheIndex.load(plan.cache_dir))
+        fill_latents(plan, vae, index, job.vae_batch_size)
+        drop_failed(plan, step)
+    report.vae_loaded = vae.loaded
+    vae.release()
+
+    text_encoder = LazyModel(lambda: load_text_encoder(folder, device))
+    captions = [caption for plan in plans for sample, _ in plan.usable() for caption in sample.captions]
+    # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
+    captions += ["", *_validation_prompts(ctx)]
+    text = fill_text(
+        {text_key(caption, text_id): caption for caption in captions},
+        CacheIndex.load(layout.text_dir(ctx)),
+        text_encoder,
+        batch_size=ctx.config.text_embeds.write_batch_size or job.write_batch_size,
+        max_length=job.max_token_length,
+    )
+    report.text_cached, report.text_new, report.text_truncated = text.cached, text.new, text.truncated
+    report.text_encoder_loaded = text_encoder.loaded
+    text_encoder.release()
+
+    for plan in plans:
+        _write_manifest(ctx, plan, text_id)
+        path = layout.report_path(ctx.workdir, plan.dataset.id)
+        plan.report.write(path)
+        plan.report.log_summary(path)
+    log.info("warm: text embeddings: %d cached, %d new", report.text_cached, report.text_new)
+    if report.text_truncated:
+        log.warning(
+            "warm: %d captions are longer than %d tokens and were truncated (max_token_length)",
+            report.text_truncated,
+            job.max_token_length,
+        )
+    return report
+
+
+def _world_size_from_env() -> int:
+    """The number of training processes (torchrun and accelerate set WORLD_SIZE)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _identities(ctx: JobContext, folder: Path, *, text_dtype: str) -> tuple[str, str]:
+    """The VAE's and the text side's identities: hashes of their files (remembered by size and mtime)."""
+    hashes = FileHashes(layout.file_hashes_path(ctx.workdir))
+    try:
+        vae_id = vae_identity(folder_identity(folder / "vae", hashes), VAE_DTYPE)
+        text_id = text_identity(
+            folder_identity(folder / "text_encoder", hashes),
+            folder_identity(folder / "tokenizer", hashes),
+            ctx.config.job.max_token_length,
+            text_dtype,
+        )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"model folder {folder} is incomplete: {exc}") from None
+    hashes.save()
+    return vae_id, text_id
+
+
+def _validation_prompts(ctx: JobContext) -> list[str]:
+    job = ctx.config.job
+    prompts = [job.validation_prompt, job.validation_negative_prompt, *ctx.config.prompt_library.values()]
+    return [prompt for prompt in prompts if prompt]
+
+
+def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str) -> None:
+    samples = [
+        PlannedSample(
+            relpath=sample.relpath,
+            bucket=sample.transform.bucket,
+            latent_key=key,
+            text_keys=tuple(text_key(caption, text_id) for caption in sample.captions),
+        )
+        for sample, key in zip(plan.samples, plan.latent_keys, strict=True)
+    ]
+    manifest = Manifest(
+        dataset_id=plan.dataset.id,
+        fingerprint=plan_fingerprint(ctx.config, plan.dataset),
+        text_identity=text_id,
+        null_text_key=text_key("", text_id),
+        samples=samples,
+    )
+    write_manifest(layout.manifest_path(ctx.workdir, plan.dataset.id), manifest)

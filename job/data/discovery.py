@@ -1,0 +1,47 @@
+"""Finding a dataset's images: a recursive walk of the folder, with each file's size and mtime.
+
+Size and mtime come for free with the walk (``os.scandir``) and let the scan reuse what it learnt about an
+unchanged file last time instead of reading it again.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
+
+@dataclass(frozen=True)
+class FoundImage:
+    relpath: str  # POSIX, relative to the dataset root: the image's name in reports and caches
+    size: int
+    mtime_ns: int
+
+
+def find_images(root: Path) -> list[FoundImage]:
+    """Every image file under ``root``, sorted by relative path.
+
+    Hidden files and folders (``.DS_Store``, macOS ``._photo.jpg`` forks, ``.cache``) are not data.
+    Symlinked folders are followed once: a link back up the tree does not loop.
+    """
+    found: list[FoundImage] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    pending = [(Path(root), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                relpath = f"{prefix}{entry.name}"
+                if entry.is_dir():
+                    pending.append((Path(entry.path), f"{relpath}/"))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    info = entry.stat()
+                    found.append(FoundImage(relpath, info.st_size, info.st_mtime_ns))
+    found.sort(key=lambda image: image.relpath)
+    return found
