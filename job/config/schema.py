@@ -116,7 +116,8 @@ class JobConfig(_Strict):
         # SimpleTuner users write "none"/"" for "start fresh".
         if isinstance(value, str) and value.strip().lower() in {"", "none", "null", "false"}:
             return None
-        return value
+        # A step number may arrive as a JSON number (--set resume_from_checkpoint=16).
+        return str(value) if isinstance(value, int) else value
 
     @field_validator("validation_resolution")
     @classmethod

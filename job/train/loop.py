@@ -1,0 +1,208 @@
+"""The training loop: optimizer steps of flow-matching loss on the LoKr-wrapped transformer.
+
+Each step draws its σ, noise and caption-dropout decisions from a generator seeded by (seed, step, rank)
+and reads its batches by (epoch, index), so a step is a pure function of the checkpointed state: an
+interrupted run continues bit for bit. ``should_stop`` is checked at every step boundary; when it says
+stop, the loop checkpoints and returns False.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from job.config.schema import JobConfig
+from job.train.checkpointer import Checkpointer
+from job.train.flow import draw_step, flow_loss, flow_target, noisy_latents, schedule_shift, step_generator
+from job.train.progress import StepReport, TrainProgress
+from job.train.state import TrainingObjects, TrainState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger("lokr")
+
+
+class BatchSource(Protocol):
+    """What the loop needs of ``job.cache.dataset.TrainingData``."""
+
+    batches_per_epoch: int
+
+    def batch(self, epoch: int, index: int) -> Any: ...
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    lr: float
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        accelerator: Accelerator,
+        transformer: torch.nn.Module,
+        objects: TrainingObjects,
+        data: BatchSource,
+        job: JobConfig,
+        input_dtype: torch.dtype,
+        checkpointer: Checkpointer | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        log_every: int = 10,
+    ):
+        self.accelerator = accelerator
+        self.transformer = transformer
+        self.objects = objects
+        self.network = objects.network
+        self.data = data
+        self.job = job
+        self.input_dtype = input_dtype
+        self.checkpointer = checkpointer
+        self.should_stop = should_stop
+        self.log_every = log_every
+        self.multiplier = objects.lycoris.multiplier
+        self.patch_size = transformer.config.patch_size
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+        self._null_embedding: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def train(self, state: TrainState, total: int) -> bool:
+        """Run optimizer steps until ``total``; False when ``should_stop`` ended it early (state saved)."""
+        progress = TrainProgress(total, state.step, log_every=self.log_every)
+        started = time.perf_counter()
+        first = state.step + 1
+        try:
+            while state.step < total:
+                if self.should_stop():
+                    self._checkpoint(state)
+                    return False
+                result = self.step(state)
+                if state.step == first:
+                    log.info("first step done %.1f s after the loop started", time.perf_counter() - started)
+                progress.update(StepReport(step=state.step, loss=result.loss, lr=result.lr))
+                if state.step % self.job.checkpoint_step_interval == 0 or state.step == total:
+                    self._checkpoint(state)
+                    progress.reset_clock()
+        finally:
+            progress.close()
+        return True
+
+    def step(self, state: TrainState) -> StepResult:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; advances ``state``."""
+        accumulation = self.job.gradient_accumulation_steps
+        generator = step_generator(self.job.seed, state.step, self.accelerator.process_index)
+        optimizer = self.objects.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        position = replace(state)
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        for _ in range(accumulation):
+            # Read in line: a read-ahead thread contends for the GIL with the step's many small ops and
+            # cost more than the read it hid (measured with scripts/bench_train.py).
+            batch = self.data.batch(position.epoch, position.batch_index)
+            position.advance(self.data.batches_per_epoch)
+            loss = self.micro_batch_loss(batch, generator)
+            self.accelerator.backward(loss / accumulation)
+            loss_sum += loss.detach()
+        self._sync_gradients()
+        self._clip_gradients()
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        self.objects.scheduler.step()
+        if self.objects.ema is not None:
+            self.objects.ema.update()
+        state.step += 1
+        state.epoch, state.batch_index = position.epoch, position.batch_index
+        return StepResult(loss=float(loss_sum) / accumulation, lr=lr)
+
+    def micro_batch_loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        device = self.accelerator.device
+        latents = batch.latents.to(device=device, dtype=torch.float32)
+        shift = schedule_shift(
+            self.job.flow_schedule_shift,
+            self.job.flow_schedule_auto_shift,
+            (latents.shape[-2], latents.shape[-1]),
+            self.patch_size,
+        )
+        draws = draw_step(generator, latents.shape, shift=shift)
+        sigmas = draws.sigmas.to(device)
+        noise = draws.noise.to(device)
+        embeds, mask = self._captions(batch, draws.dropout_draws)
+        noisy = noisy_latents(latents, noise, sigmas)
+        target = flow_target(latents, noise)
+        regularisation = batch.is_regularisation.to(device=device, dtype=torch.bool)
+        if bool(regularisation.any()):
+            # Prior preservation: on regularisation images the target is what the base model predicts.
+            target = target.clone()
+            target[regularisation] = self.base_prediction(
+                noisy[regularisation], embeds[regularisation], mask[regularisation], sigmas[regularisation]
+            ).float()
+        prediction = self.predict(noisy, embeds, mask, sigmas)
+        return flow_loss(prediction, target)
+
+    def predict(
+        self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
+        device = self.accelerator.device
+        # As the AuraFlow pipeline does: padding positions of the text embedding are zeroed.
+        embeds = embeds.to(device=device, dtype=torch.float32) * mask.to(device).unsqueeze(-1).float()
+        with self.accelerator.autocast():
+            return self.transformer(
+                hidden_states=noisy.to(self.input_dtype),
+                encoder_hidden_states=embeds.to(self.input_dtype),
+                # σ itself, in fp32: the time embedding scales by 1000 and casts to the model dtype itself.
+                timestep=sigmas.float(),
+                return_dict=False,
+            )[0]
+
+    @torch.no_grad()
+    def base_prediction(
+        self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
+        """The transformer's prediction with the adapter switched off (multiplier 0)."""
+        self.network.set_multiplier(0.0)
+        try:
+            return self.predict(noisy, embeds, mask, sigmas)
+        finally:
+            self.network.set_multiplier(self.multiplier)
+
+    def _captions(self, batch: Any, dropout_draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the captions the step's draws drop (per-sample probability) by the empty prompt's."""
+        embeds, mask = batch.prompt_embeds, batch.prompt_mask
+        dropped = dropout_draws < batch.caption_dropout.float().cpu()
+        if not bool(dropped.any()):
+            return embeds, mask
+        if self._null_embedding is None:
+            self._null_embedding = self.data.null_embedding()
+        null_embeds, null_mask = self._null_embedding
+        embeds = torch.where(dropped.view(-1, 1, 1), null_embeds.to(embeds.dtype), embeds)
+        mask = torch.where(dropped.view(-1, 1), null_mask.to(mask.dtype), mask)
+        return embeds, mask
+
+    def _sync_gradients(self) -> None:
+        """Average the adapter's gradients over processes (the transformer is not DDP-wrapped: it is frozen)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        for grad, reduced in zip(grads, self.accelerator.reduce(grads, reduction="mean"), strict=True):
+            grad.copy_(reduced)
+
+    def _clip_gradients(self) -> None:
+        limit = self.job.max_grad_norm
+        if not limit:
+            return
+        if self.job.grad_clip_method == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters, limit)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters, limit)
+
+    def _checkpoint(self, state: TrainState) -> None:
+        if self.checkpointer is None or state.step == 0 or self.checkpointer.last_saved_step == state.step:
+            return
+        self.checkpointer.save(state)

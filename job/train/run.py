@@ -1,0 +1,190 @@
+"""The ``train`` stage: wire data, model, LoKr, optimizer, schedule, EMA and checkpoints into the loop.
+
+Idempotent: when ``output/`` already holds this config's adapter at its final step, nothing is loaded.
+``build_trainer`` is the set-up on its own (the benchmark times the very loop ``lokr-job train`` runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from job.context import JobContext
+from job.errors import ConfigError, TransientError
+from job.train.checkpointer import CheckpointHook
+from job.train.state import TrainState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from job.model.offload import GroupOffload
+    from job.train.loop import BatchSource, Trainer
+
+log = logging.getLogger("lokr")
+
+
+@dataclass
+class TrainingRun:
+    trainer: Trainer
+    state: TrainState  # where to continue from: a fresh start or the resumed checkpoint's position
+    offload: GroupOffload | None
+
+
+def train_adapter(
+    ctx: JobContext,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    checkpoint_hooks: Iterable[CheckpointHook] = (),
+) -> Path:
+    """Train (or resume training) the LoKr adapter; return the path of ``pytorch_lora_weights.safetensors``.
+
+    Raises ``TransientError`` (exit 75) when ``should_stop`` ended the run early with a checkpoint saved.
+    """
+    from accelerate import Accelerator
+
+    from job.cache.dataset import TrainingData
+    from job.train.output import ADAPTER_FILE, is_finished, write_output
+    from job.train.schedule import total_steps
+
+    started = time.perf_counter()
+    config, job, workdir = ctx.config, ctx.config.job, ctx.workdir
+    _check_trainable(ctx)
+    accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    data = TrainingData.open(ctx, world_size=accelerator.num_processes, rank=accelerator.process_index)
+    total = total_steps(job, data.batches_per_epoch)
+    if is_finished(workdir.output, config_hash=config.hash, step=total):
+        log.info(
+            "train: %s already holds this config's adapter at step %d; nothing to do", workdir.output, total
+        )
+        return workdir.output / ADAPTER_FILE
+
+    run = build_trainer(
+        ctx, accelerator, data, total, should_stop=should_stop, checkpoint_hooks=checkpoint_hooks
+    )
+    log.info("train: set up in %.1f s", time.perf_counter() - started)
+    try:
+        finished = run.trainer.train(run.state, total)
+    finally:
+        if run.offload is not None:
+            run.offload.close()
+    if not finished:
+        raise TransientError(
+            f"training stopped early at step {run.state.step}; its state is in {workdir.checkpoints}; "
+            "run again to continue"
+        )
+
+    path = workdir.output / ADAPTER_FILE
+    if accelerator.is_main_process:
+        objects = run.trainer.objects
+        write_output(
+            workdir.output, objects.network, objects.ema, config.lycoris, config_hash=config.hash, step=total
+        )
+        log.info("train: adapter written to %s", path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def build_trainer(
+    ctx: JobContext,
+    accelerator: Accelerator,
+    data: BatchSource,
+    total: int,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    checkpoint_hooks: Iterable[CheckpointHook] = (),
+) -> TrainingRun:
+    """Load and prepare the model, attach LoKr, build optimizer, schedule and EMA, resume per the config."""
+    from job.model.lokr import attach_lokr
+    from job.model.offload import apply_group_offload
+    from job.model.source import local_model_path
+    from job.model.transformer import input_dtype, load_dtype, load_transformer, prepare_base_model
+    from job.train.checkpoint import resolve_resume
+    from job.train.checkpointer import Checkpointer
+    from job.train.ema import AdapterEMA
+    from job.train.loop import Trainer
+    from job.train.optimizers import adapter_dtype, build_optimizer
+    from job.train.schedule import build_lr_scheduler
+    from job.train.state import TrainingObjects, load_training_state
+
+    config, job, workdir = ctx.config, ctx.config.job, ctx.workdir
+    _check_trainable(ctx)
+    log.info(
+        "train: %s (%s), %d steps of batch %d x %d, %d batches an epoch",
+        job.model_source,
+        job.base_model_precision,
+        total,
+        job.train_batch_size,
+        job.gradient_accumulation_steps,
+        data.batches_per_epoch,
+    )
+    transformer = load_transformer(local_model_path(job, workdir), dtype=load_dtype(job))
+    transformer = prepare_base_model(transformer, job, accelerator.device)
+    network = attach_lokr(transformer, config.lycoris, seed=job.seed)
+    network.to(device=accelerator.device, dtype=adapter_dtype(job.optimizer))
+    network.requires_grad_(True)
+    offload = apply_group_offload(transformer, job, workdir.offload, accelerator.device)
+    optimizer = build_optimizer(job.optimizer, network.parameters(), job.learning_rate)
+    objects = TrainingObjects(
+        network=network,
+        optimizer=optimizer,
+        scheduler=build_lr_scheduler(job, optimizer, total),
+        ema=AdapterEMA(list(network.named_parameters()), job.ema_decay) if job.use_ema else None,
+        lycoris=config.lycoris,
+    )
+
+    state = TrainState()
+    resume = resolve_resume(workdir.checkpoints, job.resume_from_checkpoint)
+    if resume is not None:
+        state = load_training_state(
+            resume, objects, config_hash=config.hash, world_size=accelerator.num_processes
+        )
+        if state.step > total:
+            raise ConfigError(
+                f"resume_from_checkpoint: {resume.name} is at step {state.step}, past max_train_steps {total}; "
+                "raise max_train_steps or resume from an earlier checkpoint"
+            )
+        log.info(
+            "resumed from %s (step %d, epoch %d, batch %d)",
+            resume,
+            state.step,
+            state.epoch,
+            state.batch_index,
+        )
+
+    checkpointer = Checkpointer(
+        workdir.checkpoints,
+        objects,
+        accelerator,
+        config_hash=config.hash,
+        total_limit=job.checkpoints_total_limit,
+    )
+    checkpointer.on_complete.extend(checkpoint_hooks)
+    if resume is not None:
+        checkpointer.last_saved_step = state.step
+    trainer = Trainer(
+        accelerator=accelerator,
+        transformer=transformer,
+        objects=objects,
+        data=data,
+        job=job,
+        input_dtype=input_dtype(transformer, job),
+        checkpointer=checkpointer,
+        should_stop=should_stop,
+    )
+    return TrainingRun(trainer=trainer, state=state, offload=offload)
+
+
+def _check_trainable(ctx: JobContext) -> None:
+    job = ctx.config.job
+    if job.model_type != "lora":
+        raise ConfigError(
+            f"model_type {job.model_type}: the train stage trains LoKr adapters only; set model_type lora"
+        )
+    if ctx.config.lycoris is None:
+        raise ConfigError(
+            "lycoris_config is not set: training a LoKr adapter needs one (see the seed's example)"
+        )

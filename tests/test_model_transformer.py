@@ -1,0 +1,101 @@
+"""Loading and preparing the base transformer: sources, precisions, quantize-then-LoKr, checkpointing."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from job.config.schema import JobConfig, LycorisConfig
+from job.errors import ConfigError
+from job.model.lokr import attach_lokr, reset_lycoris_preset
+from job.model.tiny import build_transformer
+from job.model.transformer import input_dtype, load_dtype, load_transformer, prepare_base_model
+
+LYCORIS = LycorisConfig.model_validate(
+    {
+        "factor": 16,
+        "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
+    }
+)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def default_preset() -> Iterator[None]:
+    yield
+    reset_lycoris_preset()
+
+
+def _job(**settings) -> JobConfig:
+    return JobConfig(data_backend_config="x.json", lycoris_config="l.json", max_train_steps=1, **settings)
+
+
+def _transformer() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_transformer()
+
+
+def test_loads_from_a_pipeline_folder_and_from_a_transformer_folder(tiny_job: Path, tmp_path: Path):
+    model = tiny_job.parent.parent / "model"
+    transformer = load_transformer(model)
+    assert transformer.config.num_single_dit_layers == 2
+    transformer.save_pretrained(tmp_path / "only-transformer")
+    again = load_transformer(tmp_path / "only-transformer", dtype=torch.bfloat16)
+    assert again.dtype == torch.bfloat16
+
+
+def test_a_folder_without_a_transformer_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path"):
+        load_transformer(tmp_path / "missing")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ConfigError, match="cannot load the AuraFlow transformer"):
+        load_transformer(tmp_path)
+
+
+def test_group_offload_leaves_the_transformer_where_it_is():
+    job = _job(base_model_precision="int8-quanto", enable_group_offload=True)
+    transformer = prepare_base_model(_transformer(), job, torch.device("meta"))
+    assert {p.device.type for p in transformer.parameters()} == {"cpu"}
+
+
+def test_load_dtype_skips_the_fp32_copy_when_weights_end_up_bf16():
+    assert load_dtype(_job(base_model_precision="no_change")) is None
+    for precision in ("bf16", "int8-quanto", "int4-quanto"):
+        assert load_dtype(_job(base_model_precision=precision)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["no_change", "bf16"])
+def test_plain_precisions_freeze_and_cast(precision):
+    job = _job(base_model_precision=precision, gradient_checkpointing=True)
+    transformer = prepare_base_model(_transformer(), job, CPU)
+    expected = torch.float32 if precision == "no_change" else torch.bfloat16
+    assert {p.dtype for p in transformer.parameters()} == {expected}
+    assert input_dtype(transformer, job) == expected
+    assert not any(p.requires_grad for p in transformer.parameters())
+    assert transformer.gradient_checkpointing
+
+
+@pytest.mark.parametrize("via", ["cpu", "accelerator"])
+def test_int8_quanto_then_lokr_trains_the_adapter_in_bypass_mode(via):
+    from optimum.quanto import QLinear
+
+    job = _job(base_model_precision="int8-quanto", quantize_via=via)
+    transformer = prepare_base_model(_transformer(), job, CPU)
+    assert any(isinstance(m, QLinear) for m in transformer.modules())
+    assert not any(p.requires_grad for p in transformer.parameters())
+    assert input_dtype(transformer, job) == torch.bfloat16
+
+    network = attach_lokr(transformer, LYCORIS, seed=0)
+    assert len(network.loras) == 16
+    assert all(lora.bypass_mode for lora in network.loras)
+    out = transformer(
+        hidden_states=torch.randn(1, 4, 8, 8, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, 8, 32, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.3]),
+        return_dict=False,
+    )[0]
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in network.parameters()]
+    assert all(g is not None for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)

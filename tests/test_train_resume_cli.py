@@ -1,0 +1,111 @@
+"""The real CLI in subprocesses: an interrupted run, resumed (past a broken checkpoint), ends bit-identical
+to an uninterrupted one; a finished run is not redone; the adapter loads into a fresh AuraFlowPipeline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from job.train.checkpoint import list_checkpoints
+from job.train.output import ADAPTER_FILE, RESULT_FILE
+
+pytestmark = pytest.mark.slow
+
+
+def lokr_job(*args: str) -> subprocess.CompletedProcess[str]:
+    # One torch thread: the tiny model gains nothing from more, and a busy CI box makes them crawl.
+    env = {**os.environ, "LOKR_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    lokr_job("tiny", str(root / "job"))
+    config = str(root / "job" / "config" / "config.json")
+    # A: 24 steps in one go (checkpoints every 8, keeping 2).
+    lokr_job("run", "--config", config, "--workdir", str(root / "A"))
+    # B: stopped at step 16, then the newest checkpoint is damaged, then run again to 24.
+    lokr_job("run", "--config", config, "--workdir", str(root / "B"), "--set", "max_train_steps=16")
+    damaged = root / "B" / "checkpoints" / "checkpoint-00000016" / "lokr.safetensors"
+    with open(damaged, "r+b") as handle:
+        handle.truncate(damaged.stat().st_size // 2)
+    resumed = lokr_job("run", "--config", config, "--workdir", str(root / "B"))
+    (root / "B-resume.log").write_text(resumed.stderr)
+    return {"root": root, "config": Path(config)}
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(runs):
+    root = runs["root"]
+    log = (root / "B-resume.log").read_text()
+    assert "checkpoint-00000016 is not usable" in log
+    assert "resumed from" in log and "checkpoint-00000008 (step 8" in log
+    a = (root / "A" / "output" / ADAPTER_FILE).read_bytes()
+    b = (root / "B" / "output" / ADAPTER_FILE).read_bytes()
+    assert a == b
+    assert (root / "A" / "output" / RESULT_FILE).read_bytes() == (
+        root / "B" / "output" / RESULT_FILE
+    ).read_bytes()
+    assert [step for step, _ in list_checkpoints(root / "A" / "checkpoints")] == [16, 24]
+    assert [step for step, _ in list_checkpoints(root / "B" / "checkpoints")] == [16, 24]
+
+
+def test_a_finished_run_is_not_redone(runs):
+    root = runs["root"]
+    adapter = root / "A" / "output" / ADAPTER_FILE
+    before = adapter.stat().st_mtime_ns
+    result = lokr_job("train", "--config", str(runs["config"]), "--workdir", str(root / "A"))
+    assert "nothing to do" in result.stderr
+    assert adapter.stat().st_mtime_ns == before
+
+
+def test_the_adapter_merges_into_a_fresh_pipeline(runs):
+    from diffusers import AuraFlowPipeline
+    from lycoris import create_lycoris_from_weights
+
+    from job.model.lokr import reset_lycoris_preset
+
+    root = runs["root"]
+    adapter = str(root / "A" / "output" / ADAPTER_FILE)
+
+    def pipeline() -> AuraFlowPipeline:
+        pipe = AuraFlowPipeline.from_pretrained(root / "job" / "model")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def images(pipe: AuraFlowPipeline) -> torch.Tensor:
+        result = pipe(
+            "a red circle on blue",
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
+        return result.images
+
+    try:
+        base = images(pipeline())
+        # The trained network, applied on the fly (as in training)...
+        live = pipeline()
+        network, _ = create_lycoris_from_weights(1.0, adapter, live.transformer)
+        network.apply_to()
+        trained = images(live)
+        # ...and merged into the weights, as an inference user would.
+        merged_pipe = pipeline()
+        merged_net, _ = create_lycoris_from_weights(1.0, adapter, merged_pipe.transformer)
+        merged_net.merge_to()
+        merged = images(merged_pipe)
+    finally:
+        reset_lycoris_preset()
+    assert len(network.loras) == 16
+    assert not torch.equal(merged, base)
+    assert torch.allclose(merged, trained, atol=1e-4)
+    assert float((merged - base).abs().max()) > 10 * float((merged - trained).abs().max())

@@ -1,0 +1,58 @@
+"""``train_adapter`` in process on the warmed tiny job: stop and resume, checkpoint hooks, guard rails."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from job.context import JobContext, open_context
+from job.errors import ConfigError, TransientError
+from job.model.lokr import reset_lycoris_preset
+from job.train.checkpoint import list_checkpoints
+from job.train.output import ADAPTER_FILE, is_finished
+from job.train.run import train_adapter
+
+
+@pytest.fixture(autouse=True)
+def default_preset() -> Iterator[None]:
+    yield
+    reset_lycoris_preset()
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_job: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from job.cache.warm import warm_caches
+
+    path = tmp_path_factory.mktemp("train-run")
+    warm_caches(_context(tiny_job, path))
+    return path
+
+
+def _context(config: Path, workdir: Path, *overrides: str) -> JobContext:
+    return open_context(str(config), workdir, None, ["checkpoint_step_interval=2", *overrides])
+
+
+def test_stop_hooks_resume_and_guard_rails(tiny_job: Path, workdir: Path):
+    ctx = _context(tiny_job, workdir, "max_train_steps=4")
+    hooked: list[tuple[str, int]] = []
+    answers = iter([False, False, False, True])
+    with pytest.raises(TransientError, match="stopped early at step 3"):
+        train_adapter(
+            ctx,
+            should_stop=lambda: next(answers),
+            checkpoint_hooks=[lambda path, step: hooked.append((path.name, step))],
+        )
+    assert hooked == [("checkpoint-00000002", 2), ("checkpoint-00000003", 3)]
+    assert not (workdir / "output" / ADAPTER_FILE).exists()
+
+    path = train_adapter(ctx)
+    assert path == workdir / "output" / ADAPTER_FILE
+    assert is_finished(workdir / "output", config_hash=ctx.config.hash, step=4)
+    assert [step for step, _ in list_checkpoints(workdir / "checkpoints")] == [3, 4]
+
+    with pytest.raises(ConfigError, match="past max_train_steps 2"):
+        train_adapter(_context(tiny_job, workdir, "max_train_steps=2"))
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        train_adapter(
+            _context(tiny_job, workdir, "max_train_steps=6", "resume_from_checkpoint=checkpoint-12")
+        )
