@@ -21,7 +21,7 @@ from job.config.simpletuner import IGNORED_DATASET_KEYS, IGNORED_JOB_KEYS
 from job.errors import ConfigError
 
 # Keys of config.json that name another file which must exist.
-_FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
+FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,17 @@ class _Problems:
         self.warnings.append(f"{where}: {message}")
 
 
-def load_config(config_path: Path | str, overrides: list[str] | None = None) -> ResolvedConfig:
-    """Load ``config.json`` and the files it references; raise ``ConfigError`` listing every problem."""
+def load_config(
+    config_path: Path | str,
+    overrides: list[str] | None = None,
+    *,
+    remote_origin: paths.RemoteOrigin | None = None,
+) -> ResolvedConfig:
+    """Load ``config.json`` and the files it references; raise ``ConfigError`` listing every problem.
+
+    ``remote_origin``: the config set was fetched from S3 or the Hub into ``remote_origin.mirror``; a
+    relative dataset folder or model path then names a place next to the remote files.
+    """
     config_path = Path(config_path).resolve()
     problems = _Problems()
     raw = _read_json5(config_path, problems, expect=dict)
@@ -72,13 +81,14 @@ def load_config(config_path: Path | str, overrides: list[str] | None = None) -> 
 
     known = set(JobConfig.model_fields)
     _screen_keys(raw, known, IGNORED_JOB_KEYS, config_path, problems)
-    files = _resolve_files(raw, config_path, problems)
+    files = _resolve_files(raw, config_path, problems, remote_origin)
     for key in ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri"):
         if isinstance(raw.get(key), str) and raw[key]:
-            raw[key] = _resolve_model_or_path(raw[key], config_path)
+            origin = remote_origin if key == "pretrained_model_name_or_path" else None
+            raw[key] = _resolve_model_or_path(raw[key], config_path, origin)
     job = _validate(JobConfig, {k: v for k, v in raw.items() if k in known}, config_path, problems)
 
-    datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems)
+    datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems, remote_origin)
     lycoris = _load_lycoris(files.get("lycoris_config"), problems)
     library = _load_prompt_library(files.get("user_prompt_library"), problems)
 
@@ -126,15 +136,18 @@ def _screen_keys(
         problems.error(where, f"{key}: unknown option (value {value!r}){hint}")
 
 
-def _resolve_files(raw: dict[str, Any], config_path: Path, problems: _Problems) -> dict[str, Path]:
+def _resolve_files(
+    raw: dict[str, Any], config_path: Path, problems: _Problems, origin: paths.RemoteOrigin | None
+) -> dict[str, Path]:
     files: dict[str, Path] = {}
-    for key in _FILE_KEYS:
+    root = origin.mirror if origin else None
+    for key in FILE_KEYS:
         value = raw.get(key)
         if not isinstance(value, str) or not value:
             continue
-        found = paths.resolve_local(value, config_path)
+        found = paths.resolve_local(value, config_path, root)
         if found is None or not found.is_file():
-            looked = ", ".join(str(p) for p in paths.candidates(value, config_path))
+            looked = ", ".join(str(p) for p in paths.candidates(value, config_path, root))
             similar = paths.similar_files(value, config_path)
             hint = f"; a similarly named file exists: {similar[0]} (point {key} at it)" if similar else ""
             problems.error(config_path, f"{key}: file {value!r} not found; looked in: {looked}{hint}")
@@ -144,14 +157,20 @@ def _resolve_files(raw: dict[str, Any], config_path: Path, problems: _Problems) 
     return files
 
 
-def _resolve_model_or_path(value: str, config_path: Path) -> str:
-    """A local folder becomes absolute; a Hub repo id (owner/name) or a URI stays as written."""
-    found = None if paths.is_remote(value) else paths.resolve_local(value, config_path)
+def _resolve_model_or_path(value: str, config_path: Path, origin: paths.RemoteOrigin | None) -> str:
+    """A local folder becomes absolute; a Hub repo id (owner/name) or a URI stays as written. In a fetched
+    config set, a relative path is a folder next to the remote files (SimpleTuner's ``model/`` beside
+    ``config/``) when one is there, else a Hub repo id."""
+    if paths.is_remote(value):
+        return value
+    if origin is not None and origin.remote_candidates(value, config_path):
+        return origin.find_folder(value, config_path)[0] or value
+    found = paths.resolve_local(value, config_path)
     return str(found) if found else value
 
 
 def _load_backends(
-    path: Path | None, job: JobConfig | None, problems: _Problems
+    path: Path | None, job: JobConfig | None, problems: _Problems, origin: paths.RemoteOrigin | None
 ) -> tuple[list[DatasetConfig], TextEmbedsConfig | None]:
     if path is None:
         return [], None
@@ -183,7 +202,9 @@ def _load_backends(
         _screen_keys(entry, set(model.model_fields), IGNORED_DATASET_KEYS, Path(where), problems)
         # Cache folders are resolved against the work directory later, not against the config.
         if isinstance(entry.get("instance_data_dir"), str) and entry["instance_data_dir"]:
-            entry["instance_data_dir"] = _resolve_data_dir(entry["instance_data_dir"], path, where, problems)
+            entry["instance_data_dir"] = _resolve_data_dir(
+                entry["instance_data_dir"], path, where, problems, origin
+            )
         parsed = _validate(model, entry, where, problems)
         if isinstance(parsed, TextEmbedsConfig):
             text_embeds = parsed
@@ -194,8 +215,18 @@ def _load_backends(
     return datasets, text_embeds
 
 
-def _resolve_data_dir(value: str, path: Path, where: str, problems: _Problems) -> str:
-    """A remote dataset is fetched later; a local one must exist now."""
+def _resolve_data_dir(
+    value: str, path: Path, where: str, problems: _Problems, origin: paths.RemoteOrigin | None
+) -> str:
+    """A remote dataset is fetched later; a local one must exist now. In a fetched config set, a relative
+    folder lives next to the remote files."""
+    if origin is not None and origin.remote_candidates(value, path):
+        found, looked = origin.find_folder(value, path)
+        if found is None:
+            problems.error(
+                where, f"instance_data_dir: no objects under {value!r}; looked in: {', '.join(looked)}"
+            )
+        return found or value
     resolved = paths.resolve(value, path)
     if not paths.is_remote(resolved) and not Path(resolved).is_dir():
         looked = ", ".join(str(p) for p in paths.candidates(value, path))

@@ -336,6 +336,36 @@ class HubStorage:
             for size in pool.map(one, paths):
                 bar.update(size)
 
+    def download_to_cache(
+        self, repo_uri: Location, files: Sequence[str], cache_dir: str | Path, *, progress: bool = True
+    ) -> Path:
+        """Download ``files`` (paths in the repo) into huggingface_hub's cache layout under ``cache_dir``,
+        where ``from_pretrained(cache_dir=…)`` and offline lookups find them; return the snapshot folder.
+        Files already cached for the revision's current commit cost no request."""
+        uri = self._hf_uri(repo_uri)
+        # Exact names as patterns: a model repo has tens of files, so the fnmatch cost does not matter.
+        patterns = [glob.escape(f) for f in files]
+
+        def fetch() -> Path:
+            folder = Path(
+                snapshot_download(
+                    uri.repo_id,
+                    repo_type=uri.repo_type,
+                    revision=uri.revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=patterns,
+                    endpoint=self._endpoint(),
+                    max_workers=self._workers,
+                    tqdm_class=None if progress else _QuietBar,
+                )
+            )
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise _IncompleteDownload(f"{len(missing)} files missing after download, e.g. {missing[0]}")
+            return folder
+
+        return self._call(uri, "download", fetch)
+
     # -- writing --------------------------------------------------------------------------------------
 
     def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:

@@ -362,6 +362,28 @@ class S3Storage:
             self._run_all([lambda r=r, p=p: self._put(manager, p, uri.join(r), bar) for r, p in files])
         return TransferReport(transferred=len(files), bytes=total)
 
+    def check_writable(self, prefix: Location) -> None:
+        """Prove write access under ``prefix`` without leaving an object behind (``lokr-job check``).
+
+        HeadBucket proves the bucket exists and answers these credentials; a multipart upload, which
+        needs s3:PutObject on the key, is then started and aborted at once: an aborted upload never
+        becomes an object, holds no parts and costs nothing.
+        """
+        parsed = self._s3_uri(prefix)
+        key = f"{parsed.path}/.lokr-check" if parsed.path else ".lokr-check"
+        client = self._s3()
+        self._call(parsed, "reach the bucket of", lambda: client.head_bucket(Bucket=parsed.bucket))
+        upload = self._call(
+            parsed,
+            "check write access to",
+            lambda: client.create_multipart_upload(Bucket=parsed.bucket, Key=key),
+        )
+        self._call(
+            parsed,
+            "abort the write check's upload in",
+            lambda: client.abort_multipart_upload(Bucket=parsed.bucket, Key=key, UploadId=upload["UploadId"]),
+        )
+
     def delete(self, uri: Location) -> None:
         parsed = self._s3_uri(uri)
         key = self._object_key(parsed)

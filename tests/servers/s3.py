@@ -92,6 +92,9 @@ class FaultProxy:
 
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY each response waits out the
+    # client's delayed ACK (about 40 ms), which would swamp every latency the tests and benchmarks see.
+    disable_nagle_algorithm = True
     timeout = 30
     server: Any
 

@@ -1,0 +1,1 @@
+"""The ``fetch`` stage: the config set, datasets and base model copied from S3 or the Hub to the work directory."""

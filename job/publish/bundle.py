@@ -1,0 +1,90 @@
+"""The adapter's Hub repo contents, laid out in a folder so that one commit uploads them all.
+
+From ``output/`` (``job.train.output`` names its files): the adapter, ``lycoris_config.json``, the EMA
+adapter when there is one, and the validation images of the latest step only, at the paths the model
+card (``README.md``, written here) shows them from: ``validation/step-<N>/<nickname>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from job.config.loader import ResolvedConfig
+from job.errors import ConfigError
+from job.model.source import hub_base_model
+from job.publish.card import model_card
+from job.train.output import ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE
+from job.validate.prompts import validation_prompts
+
+VALIDATION_DIR = "validation"
+_STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def require_adapter(output: Path) -> Path:
+    adapter = output / ADAPTER_FILE
+    if not adapter.is_file():
+        raise ConfigError(f"nothing to publish: {adapter} does not exist; run lokr-job train first")
+    return adapter
+
+
+def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[str]:
+    """Lay out the repo's files under ``dest`` (hard links where possible); return their repo paths."""
+    _place(require_adapter(output), dest / ADAPTER_FILE)
+    if (output / CONFIG_FILE).is_file():
+        _place(output / CONFIG_FILE, dest / CONFIG_FILE)
+    elif cfg.lycoris is not None:
+        from job.model.lokr import lycoris_settings
+
+        (dest / CONFIG_FILE).write_text(json.dumps(lycoris_settings(cfg.lycoris), indent=4) + "\n")
+    if (output / EMA_FILE).is_file():
+        _place(output / EMA_FILE, dest / EMA_FILE)
+    images = latest_validation_images(cfg, output)
+    for _, _, path in images:
+        _place(output / path, dest / path)
+    card = model_card(
+        cfg, base_model=hub_base_model(cfg.job), validation_images=images, step=trained_step(cfg, output)
+    )
+    (dest / "README.md").write_text(card, encoding="utf-8")
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+
+
+def trained_step(cfg: ResolvedConfig, output: Path) -> int:
+    """The step the adapter was written at (training's result record), else the configured step count."""
+    try:
+        return int(json.loads((output / RESULT_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg.job.max_train_steps
+
+
+def latest_validation_images(cfg: ResolvedConfig, output: Path) -> list[tuple[str, str, str]]:
+    """(nickname, prompt, path relative to ``output``) of the newest ``validation/step-<N>/``, in the
+    order validation renders prompts (``<nickname>.png``, or ``<nickname>-<W>x<H>.png``)."""
+    steps = [
+        (int(match.group(1)), folder)
+        for folder in (output / VALIDATION_DIR).glob("step-*")
+        if folder.is_dir() and (match := _STEP_FOLDER.fullmatch(folder.name))
+    ]
+    if not steps:
+        return []
+    folder = max(steps)[1]
+    remaining = {p.stem: p for p in folder.glob("*.png")}
+    found: list[tuple[str, str, str]] = []
+    for nickname, prompt in validation_prompts(cfg).items():
+        sized = re.compile(re.escape(nickname) + r"(-\d+x\d+)?")
+        for stem in sorted(s for s in remaining if sized.fullmatch(s)):
+            found.append((stem, prompt, remaining.pop(stem).relative_to(output).as_posix()))
+    # Images of prompts no longer in the config still show what was trained; their file name is the caption.
+    found += [(stem, stem, p.relative_to(output).as_posix()) for stem, p in sorted(remaining.items())]
+    return found
+
+
+def _place(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, target)
