@@ -194,7 +194,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     """``lokr-job infer``: the command line's values, else the config's validation settings, else defaults."""
     job = ctx.config.job if ctx is not None else None
-    base_model = args.base_model or (job.model_source if job else None)
+    base_model = args.base_model or (_fetched_model(ctx) if ctx is not None else None)
     if not base_model:
         raise ConfigError("infer: pass --base-model (a Hub repo id or local folder) or --config")
     adapter = args.adapter or (ctx.workdir.output if ctx is not None else None)
@@ -225,6 +225,13 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     for path in paths:
         print(path)
     return paths
+
+
+def _fetched_model(ctx: JobContext) -> str:
+    """The config's base model where ``lokr-job fetch`` put it (an S3 or Hub source is not loadable as is)."""
+    from job.model.source import local_model_path
+
+    return local_model_path(ctx.config.job, ctx.workdir)
 
 
 def _first(given: T | None, fallback: T) -> T:

@@ -113,6 +113,9 @@ def setup_logging(stream: TextIO | None = None) -> logging.Handler:
         logging.getLogger("lokr").warning("%s=%s is not a log level; using INFO", LOG_LEVEL_ENV, level)
     # Python warnings (deprecations from diffusers, torch) go through the same format and redaction.
     logging.captureWarnings(True)
+    # boto3 announces where it found credentials at INFO each time a client is made: noise, not news.
+    for chatty in ("botocore", "boto3", "s3transfer"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     adopt_library_loggers()
     return handler
 
