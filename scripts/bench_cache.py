@@ -16,17 +16,14 @@ are one instance prompt, so the text side costs one embedding).
 import argparse
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchmarks import append_section
 from PIL import Image
 
 from job.cache import layout
@@ -41,8 +38,6 @@ from job.data.scan import scan_dataset
 from job.data.transform import apply_transform
 from job.model.components import compute_device, load_vae, model_geometry
 from job.workdir import WorkDir
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -194,32 +189,13 @@ def _rate(seconds: float, count: int) -> str:
     return f"{seconds:.2f} s, {count / seconds:,.0f} img/s"
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
+def _torch_software() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores (load average {load}); {device}; torch {torch.__version__}"
+    return f"{device}; torch {torch.__version__}"
 
 
 def _append(table: str, argv: list[str]) -> None:
-    path = REPO / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python scripts/bench_cache.py", *argv])
-    section = (
-        f"\n## Cache warm-up and the cached check ({stamp})\n\n"
-        f"Machine: {_machine()}.  \nCommand: `{command}`\n\n{table}\n"
-    )
-    with path.open("a", encoding="utf-8") as file:
-        file.write(section)
-    print(f"appended to {path}")
+    append_section("Cache warm-up and the cached check", "bench_cache.py", argv, _torch_software(), table)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -28,11 +27,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import boto3
+from benchmarks import append_section
 from botocore.config import Config
 
 from job.storage.s3 import S3Storage
@@ -208,31 +207,14 @@ def _table(rows: list[dict[str, float]], count: int, size: int) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores (load average {load}); boto3 {boto3.__version__}"
-
-
 def _append(table: str, argv: list[str]) -> None:
-    path = REPO / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python scripts/bench_fetch.py", *argv])
-    section = (
-        f"\n## Fetching many small objects from S3 (moto) ({stamp})\n\n"
-        f"Machine: {_machine()}.  \nCommand: `{command}`\n\n{table}\n"
+    append_section(
+        "Fetching many small objects from S3 (moto)",
+        "bench_fetch.py",
+        argv,
+        f"boto3 {boto3.__version__}",
+        table,
     )
-    with path.open("a", encoding="utf-8") as file:
-        file.write(section)
-    print(f"appended to {path}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -29,15 +28,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from benchmarks import append_section
 
 from job.cache.dataset import TrainingData
 from job.context import open_context
 
-REPO = Path(__file__).resolve().parents[1]
 STEADY = re.compile(r"steady state ([0-9.]+) s/step")
 
 
@@ -209,31 +207,19 @@ class BareLoop:
         return statistics.fmean(durations[len(durations) // 10 + 1 :])
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
+def _torch_software() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{model}, {os.cpu_count()} cores; {device}; torch {torch.__version__}"
+    return f"{device}; torch {torch.__version__}"
 
 
 def _append(table: str, argv: list[str]) -> None:
-    path = REPO / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n")
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python scripts/bench_train.py", *argv])
-    section = (
-        f"\n## Training loop overhead: lokr-job train vs a bare loop ({stamp})\n\n"
-        f"Machine: {_machine()}.  \nCommand: `{command}`\n\n{table}\n"
+    append_section(
+        "Training loop overhead: lokr-job train vs a bare loop",
+        "bench_train.py",
+        argv,
+        _torch_software(),
+        table,
     )
-    with path.open("a", encoding="utf-8") as file:
-        file.write(section)
-    print(f"appended to {path}")
 
 
 if __name__ == "__main__":
