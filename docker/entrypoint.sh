@@ -89,6 +89,9 @@ if [[ "$nproc" != 1 || "$nnodes" != 1 ]]; then
     if [[ "$nnodes" != 1 ]]; then
         launch+=(--node-rank "${LOKR_NODE_RANK:-${JOB_COMPLETION_INDEX:-0}}"
             --master-addr "${LOKR_MASTER_ADDR:-localhost}" --master-port "${LOKR_MASTER_PORT:-29500}")
+    else
+        # One machine: rendezvous on a free local port, so jobs sharing a host's network never clash.
+        launch+=(--standalone)
     fi
     cmd=("${launch[@]}" --no-python "${cmd[@]}")
 fi
