@@ -11,13 +11,15 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from job import __version__
+from job import __version__, distributed
 from job.errors import ConfigError, ExitCode, JobError
 from job.track.logs import setup_logging
 
 log = logging.getLogger("lokr")
 
 STAGES = ("fetch", "warm", "train", "publish")
+# Commands that stop cleanly on SIGTERM/SIGINT (exit 75 with their work saved; see job.train.preemption).
+PREEMPTIBLE = ("run", "fetch", "warm", "train")
 
 _EPILOG = """\
 exit codes: 0 done; 2 bad config or usage; 3 bad data; 4 missing permission or credentials;
@@ -30,7 +32,7 @@ quick start:
 
 _COMMANDS = {
     "run": "fetch, warm, train and publish in order, skipping what is done",
-    "check": "validate the config (all errors at once) without a GPU",
+    "check": "config (all errors at once), access, dataset census, steps, cache size and VRAM; no GPU",
     "fetch": "copy the config, datasets and base model into the work directory",
     "warm": "fill the latent and text-embedding caches on the work directory",
     "train": "train the LoKr adapter (resumes from the newest complete checkpoint)",
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("dest", metavar="DIR", help="folder to write the tiny job into")
             continue
         _add_job_options(sub)
+        if name == "check":
+            sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         if name == "infer":
             from job.infer import add_infer_arguments
 
@@ -100,6 +104,10 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.command in PREEMPTIBLE:
+        from job.train import preemption
+
+        preemption.install()
     try:
         _dispatch(args)
     except JobError as exc:
@@ -111,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.error("lokr-job hit a bug; please report it with this traceback:\n%s", traceback.format_exc())
         return int(ExitCode.BUG)
+    finally:
+        distributed.shutdown()
     return int(ExitCode.OK)
 
 
@@ -125,6 +135,11 @@ def _dispatch(args: argparse.Namespace) -> None:
     from job import stages
     from job.context import open_context
 
+    if args.command == "check":
+        from job.check import check_command
+
+        check_command(args.config, args.workdir, args.run_uri, args.overrides, as_json=args.json)
+        return
     if args.command == "infer" and args.base_model and not args.config:
         from job.infer import run_infer
 
@@ -132,11 +147,21 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     if not args.config:
         raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
-    ctx = open_context(args.config, args.workdir, args.run_uri, args.overrides)
+    # A remote config set is fetched into the work directory: one process per machine first (several
+    # processes of a torchrun job share it), then the others find it there.
+    ctx = distributed.on_each_machine_first(
+        lambda: open_context(args.config, args.workdir, args.run_uri, args.overrides)
+    )
     if args.command == "infer":
         from job.infer import run_infer
 
         run_infer(args, ctx)
+        return
+    if args.command in (*STAGES, "run"):
+        from job.track.status import reporting
+
+        with reporting(ctx.workdir.status, ctx.run_uri, args.command):
+            getattr(stages, args.command)(ctx)
         return
     getattr(stages, args.command)(ctx)
 

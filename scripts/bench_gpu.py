@@ -44,19 +44,8 @@ from typing import Any
 
 import torch
 
-AURAFLOW_CONFIG: dict[str, Any] = {
-    "attention_head_dim": 256,
-    "num_attention_heads": 12,
-    "num_mmdit_layers": 4,
-    "num_single_dit_layers": 32,
-    "joint_attention_dim": 2048,
-    "caption_projection_dim": 3072,
-    "patch_size": 2,
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_size": 64,
-    "pos_embed_max_size": 9216,
-}
+from job.model.architecture import AURAFLOW_TRANSFORMER
+
 VAE_DOWNSAMPLE = 8
 PRECISIONS = ("bf16", "int8-quanto")
 OFFLOADS = ("none", "ram", "disk")
@@ -390,8 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shape = step_shape(AURAFLOW_CONFIG, args.resolution, args.text_tokens)
-    count = count_flops(AURAFLOW_CONFIG, shape)
+    shape = step_shape(AURAFLOW_TRANSFORMER, args.resolution, args.text_tokens)
+    count = count_flops(AURAFLOW_TRANSFORMER, shape)
     print_flops(count, shape)
     if args.dry_run:
         return 0
@@ -404,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     rate = bf16_matmul_rate(device)
     print(f"bf16 matmul (8192³): {rate / 1e12:.0f} TFLOP/s; floor {count.step / rate:.3f} s/step\n")
     setup = Setup(
-        device, AURAFLOW_CONFIG, args.resolution, args.text_tokens, args.warmup, args.steps, args.offload_dir
+        device,
+        AURAFLOW_TRANSFORMER,
+        args.resolution,
+        args.text_tokens,
+        args.warmup,
+        args.steps,
+        args.offload_dir,
     )
     rows = []
     for precision, offload in configurations:

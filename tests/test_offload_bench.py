@@ -48,17 +48,17 @@ def hand_count(caption_tokens: int, resolution: int) -> float:
 
 @pytest.mark.parametrize("resolution, caption_tokens", [(1024, 120), (512, 768)])
 def test_flop_count_matches_the_hand_formula(resolution, caption_tokens):
-    shape = bench.step_shape(bench.AURAFLOW_CONFIG, resolution, caption_tokens)
-    count = bench.count_flops(bench.AURAFLOW_CONFIG, shape)
+    shape = bench.step_shape(bench.AURAFLOW_TRANSFORMER, resolution, caption_tokens)
+    count = bench.count_flops(bench.AURAFLOW_TRANSFORMER, shape)
     assert count.step == pytest.approx(hand_count(caption_tokens, resolution), rel=1e-12)
 
 
 def test_one_step_at_1024_is_about_135_teraflop():
-    shape = bench.step_shape(bench.AURAFLOW_CONFIG, 1024, 120)
+    shape = bench.step_shape(bench.AURAFLOW_TRANSFORMER, 1024, 120)
     assert (shape.image_tokens, shape.text_tokens) == (4096, 128)
-    count = bench.count_flops(bench.AURAFLOW_CONFIG, shape)
+    count = bench.count_flops(bench.AURAFLOW_TRANSFORMER, shape)
     assert count.step / 1e12 == pytest.approx(134.9, abs=0.1)
-    without_checkpointing = bench.count_flops(bench.AURAFLOW_CONFIG, shape, checkpointing=False)
+    without_checkpointing = bench.count_flops(bench.AURAFLOW_TRANSFORMER, shape, checkpointing=False)
     assert without_checkpointing.step == pytest.approx(
         count.step - count.linear_forward - count.attention_forward, rel=0.01
     )
@@ -68,8 +68,8 @@ def test_every_linear_layer_has_a_token_count():
     from diffusers import AuraFlowTransformer2DModel
 
     with torch.device("meta"):
-        model = AuraFlowTransformer2DModel(**bench.AURAFLOW_CONFIG)
-    shape = bench.step_shape(bench.AURAFLOW_CONFIG, 1024, 120)
+        model = AuraFlowTransformer2DModel(**bench.AURAFLOW_TRANSFORMER)
+    shape = bench.step_shape(bench.AURAFLOW_TRANSFORMER, 1024, 120)
     linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert {bench.linear_tokens(name, shape) for name in linears} == {1, 120, 128, 4096, 4224}
     with pytest.raises(ValueError, match="does not know"):

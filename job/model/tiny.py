@@ -31,8 +31,8 @@ HEADS = 2
 HEAD_DIM = 32
 # AuraFlow needs caption_projection_dim == heads * head_dim (the attention width).
 INNER_DIM = HEADS * HEAD_DIM
-# A 32x32 patch grid: latents up to 64x64, so images up to 512 px a side, square or not.
-POS_EMBED_MAX_SIZE = 1024
+# The real model's 96x96 patch grid (1536 px a side), so configs sized for AuraFlow pass its checks.
+POS_EMBED_MAX_SIZE = 9216
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "sample_size": 8,

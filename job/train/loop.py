@@ -3,7 +3,8 @@
 Each step draws its σ, noise and caption-dropout decisions from a generator seeded by (seed, step, rank)
 and reads its batches by (epoch, index), so a step is a pure function of the checkpointed state: an
 interrupted run continues bit for bit. ``should_stop`` is checked at every step boundary; when it says
-stop, the loop checkpoints and returns False.
+stop, the loop checkpoints and returns False. An ``observer`` (validation, trackers, webhook; main process
+only) is told about the start, each step, the end and a failure; its time is left out of s/step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from job.train.state import TrainingObjects, TrainState
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from job.train.observers import TrainingObserver
+
 log = logging.getLogger("lokr")
 
 
@@ -42,6 +45,7 @@ class BatchSource(Protocol):
 class StepResult:
     loss: float
     lr: float
+    grad_norm: float | None = None  # the adapter's gradient norm before clipping
 
 
 class Trainer:
@@ -72,24 +76,39 @@ class Trainer:
         self.patch_size = transformer.config.patch_size
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
         self._null_embedding: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.observer: TrainingObserver | None = None
 
     def train(self, state: TrainState, total: int) -> bool:
         """Run optimizer steps until ``total``; False when ``should_stop`` ended it early (state saved)."""
         progress = TrainProgress(total, state.step, log_every=self.log_every)
         started = time.perf_counter()
         first = state.step + 1
+        observer = self.observer
+        if observer is not None:
+            observer.on_start(state.step, total)
         try:
             while state.step < total:
                 if self.should_stop():
                     self._checkpoint(state)
+                    if observer is not None:
+                        observer.on_end(state.step, finished=False)
                     return False
                 result = self.step(state)
                 if state.step == first:
                     log.info("first step done %.1f s after the loop started", time.perf_counter() - started)
                 progress.update(StepReport(step=state.step, loss=result.loss, lr=result.lr))
+                if observer is not None:
+                    observer.on_step(state.step, result, progress.durations[-1])
+                    progress.reset_clock()
                 if state.step % self.job.checkpoint_step_interval == 0 or state.step == total:
                     self._checkpoint(state)
                     progress.reset_clock()
+            if observer is not None:
+                observer.on_end(state.step, finished=True)
+        except BaseException as exc:
+            if observer is not None:
+                observer.on_failure(state.step, exc)
+            raise
         finally:
             progress.close()
         return True
@@ -111,7 +130,7 @@ class Trainer:
             self.accelerator.backward(loss / accumulation)
             loss_sum += loss.detach()
         self._sync_gradients()
-        self._clip_gradients()
+        grad_norm = self._clip_gradients()
         lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
         self.objects.scheduler.step()
@@ -119,7 +138,7 @@ class Trainer:
             self.objects.ema.update()
         state.step += 1
         state.epoch, state.batch_index = position.epoch, position.batch_index
-        return StepResult(loss=float(loss_sum) / accumulation, lr=lr)
+        return StepResult(loss=float(loss_sum) / accumulation, lr=lr, grad_norm=grad_norm)
 
     def micro_batch_loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
         device = self.accelerator.device
@@ -193,14 +212,17 @@ class Trainer:
         for grad, reduced in zip(grads, self.accelerator.reduce(grads, reduction="mean"), strict=True):
             grad.copy_(reduced)
 
-    def _clip_gradients(self) -> None:
+    def _clip_gradients(self) -> float | None:
+        """Clip per the config; return the gradient norm before clipping when an observer wants it."""
         limit = self.job.max_grad_norm
-        if not limit:
-            return
-        if self.job.grad_clip_method == "value":
+        if limit and self.job.grad_clip_method != "value":
+            return float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
+        # Only an observer reads the norm: without one, skip the extra pass over the gradients.
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if self.observer is not None and grads else None
+        if limit:
             torch.nn.utils.clip_grad_value_(self.parameters, limit)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.parameters, limit)
+        return norm
 
     def _checkpoint(self, state: TrainState) -> None:
         if self.checkpointer is None or state.step == 0 or self.checkpointer.last_saved_step == state.step:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
 from job.track.progress import Progress
 
 log = logging.getLogger("lokr")
+
+# LOKR_LOG_STEPS=1: one line per trained step (what the chaos test counts steps by; a post-mortem aid).
+_LOG_EACH_STEP = os.environ.get("LOKR_LOG_STEPS", "").strip() == "1"
 
 # A smoothed s/step: recent steps count most, and one slow step does not swing the ETA.
 _SMOOTHING = 0.1
@@ -45,6 +49,8 @@ class TrainProgress:
             loss=round(report.loss, 4), lr=f"{report.lr:.3g}", s_step=f"{self.seconds_per_step:.3f}"
         )
         self._bar.update()
+        if _LOG_EACH_STEP:
+            log.info("step %d trained", report.step)
         if report.step % self.log_every == 0 or report.step == self.total:
             eta = self.seconds_per_step * (self.total - report.step)
             log.info(

@@ -8,7 +8,7 @@ encoder, tokenizer and scheduler from the model source. Every image gets a fresh
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lokr.validate")
 
+# A prompt's cached text embedding [L, D] and mask [L], or None when it was not cached.
+EmbeddingLookup = Callable[[str], "tuple[torch.Tensor, torch.Tensor] | None"]
+
 
 def build_validation_pipeline(
     model_source: str | Path,
@@ -32,29 +35,42 @@ def build_validation_pipeline(
     *,
     revision: str | None = None,
     cache_dir: Path | None = None,
+    with_text_encoder: bool = True,
 ) -> AuraFlowPipeline:
     """An AuraFlowPipeline around ``transformer`` (left where and as it is: it may be quantized or
-    group-offloaded); the other components are loaded in ``dtype`` and moved to ``device``."""
+    group-offloaded); the other components are loaded in ``dtype`` and moved to ``device``.
+
+    ``with_text_encoder=False`` leaves the text encoder and tokenizer out (gigabytes not loaded): then
+    every prompt must come as cached embeddings (``render_validation``'s ``embeddings``)."""
     from diffusers import AuraFlowPipeline
 
+    without = {} if with_text_encoder else {"text_encoder": None, "tokenizer": None}
     pipeline = AuraFlowPipeline.from_pretrained(
-        model_source, transformer=transformer, dtype=dtype, revision=revision, cache_dir=cache_dir
+        model_source, transformer=transformer, dtype=dtype, revision=revision, cache_dir=cache_dir, **without
     )
     adopt_library_loggers()
-    pipeline.text_encoder.to(device)
+    if with_text_encoder:
+        pipeline.text_encoder.to(device)
     pipeline.vae.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
 def render_validation(
-    pipeline: AuraFlowPipeline, prompts: Mapping[str, str], job: JobConfig, step: int, out_dir: Path
+    pipeline: AuraFlowPipeline,
+    prompts: Mapping[str, str],
+    job: JobConfig,
+    step: int,
+    out_dir: Path,
+    *,
+    embeddings: EmbeddingLookup | None = None,
 ) -> list[Path]:
     """Render every prompt at every ``validation_resolution`` into ``out_dir/step-<step>/``.
 
     Files are ``<nickname>.png``, or ``<nickname>-<W>x<H>.png`` when several resolutions are set; the
     paths come back in prompt order, resolutions inner, so ``{p.stem: p for p in paths}`` keys them for
-    ``Trackers.log_images``.
+    ``Trackers.log_images``. With ``embeddings``, prompts (and the negative prompt) it knows skip the
+    text encoder: warm cached them padded to ``max_token_length``, as the pipeline would pad them.
     """
     import torch
 
@@ -75,8 +91,7 @@ def render_validation(
                     # A CPU generator gives the same starting noise on every device.
                     generator = torch.Generator("cpu").manual_seed(job.validation_seed)
                     image = pipeline(
-                        prompt=prompt,
-                        negative_prompt=job.validation_negative_prompt,
+                        **_prompt_arguments(prompt, job.validation_negative_prompt, embeddings),
                         num_inference_steps=job.validation_num_inference_steps,
                         guidance_scale=job.validation_guidance,
                         width=width,
@@ -93,6 +108,22 @@ def render_validation(
         transformer.train(was_training)
     log.info("validation: %d images at step %d in %s", len(paths), step, folder)
     return paths
+
+
+def _prompt_arguments(prompt: str, negative: str, embeddings: EmbeddingLookup | None) -> dict[str, Any]:
+    """The pipeline's prompt arguments: cached embeddings when both prompts have one, else the text."""
+    cached = (embeddings(prompt), embeddings(negative)) if embeddings is not None else (None, None)
+    if cached[0] is None or cached[1] is None:
+        return {"prompt": prompt, "negative_prompt": negative}
+    (embeds, mask), (negative_embeds, negative_mask) = cached
+    return {
+        "prompt_embeds": (embeds * mask.unsqueeze(-1).to(embeds.dtype)).unsqueeze(0),
+        "prompt_attention_mask": mask.unsqueeze(0),
+        "negative_prompt_embeds": (negative_embeds * negative_mask.unsqueeze(-1).to(embeds.dtype)).unsqueeze(
+            0
+        ),
+        "negative_prompt_attention_mask": negative_mask.unsqueeze(0),
+    }
 
 
 @contextmanager

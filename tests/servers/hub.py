@@ -47,6 +47,10 @@ class HubServer:
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         self.token = token
         self.page_size = page_size
+        # Who the token belongs to, for whoami: its user, organisations and role ("read", "write").
+        self.user = "tester"
+        self.orgs: list[str] = []
+        self.token_role = "write"
         self.repos: dict[tuple[str, str], _Repo] = {}
         self.commits = 0
         self.faults = FaultPlan()
@@ -262,6 +266,21 @@ class _Handler(BaseHTTPRequestHandler):
         if sent is not None and hub.token is not None and sent != hub.token:
             # Like the Hub: a wrong token is refused outright, before looking at what was asked for.
             raise HubError(401, "Invalid credentials in Authorization header")
+        if parts[:2] == ["api", "whoami-v2"] and method == "GET":
+            if sent is None:
+                raise HubError(401, "Invalid credentials in Authorization header")
+            return self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": hub.user,
+                    "orgs": [{"name": org, "roleInOrg": "write"} for org in hub.orgs],
+                    "auth": {
+                        "type": "access_token",
+                        "accessToken": {"displayName": "test", "role": hub.token_role},
+                    },
+                },
+            )
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._send(200, {"errors": [], "warnings": []})
         if parts[:3] == ["api", "repos", "create"] and method == "POST":

@@ -1,0 +1,5 @@
+"""``lokr-job check``: config, access, dataset census and estimates, before any GPU is rented."""
+
+from job.check.run import CheckReport, build_report, check_command, run_check
+
+__all__ = ["CheckReport", "build_report", "check_command", "run_check"]

@@ -1,0 +1,215 @@
+"""``lokr-job check``: everything a run needs, found out before a GPU is rented.
+
+Config validation happened when the context was opened (every error at once, exit 2). Here: access
+(``job.check.access``), the dataset census (``job.check.census``), steps and epochs, cache size and peak
+VRAM (``job.check.estimate``). Every finding is gathered before the exit code is chosen, so one check
+lists every problem; the code is the one ``run`` would meet first: config (2), then permissions (4,
+fetch comes before warm), then data (3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job.check.access import Access, check_access
+from job.check.census import DatasetCensus, census
+from job.check.estimate import (
+    CacheEstimate,
+    VramEstimate,
+    cache_estimate,
+    steps_and_epochs,
+    text_width,
+    transformer_config,
+    vram_estimate,
+)
+from job.check.render import render_text
+from job.context import JobContext, open_context
+from job.data.buckets import StepShape
+from job.data.geometry import ModelGeometry, area_pixels
+from job.data.sampler import EpochSampler
+from job.errors import ConfigError, DataError, ExitCode, JobError, PermissionDeniedError, TransientError
+
+# AuraFlow's VAE downsamples by 8 and its transformer patches by 2; a 96×96 patch grid.
+_AURAFLOW_GEOMETRY = ModelGeometry(alignment=16, max_patches=9216)
+_EXIT_PRIORITY = (ExitCode.BAD_CONFIG, ExitCode.NO_PERMISSION, ExitCode.BAD_DATA, ExitCode.TRANSIENT)
+
+
+@dataclass
+class CheckReport:
+    config_path: str
+    recipe_hash: str
+    model: str
+    precision: str
+    warnings: list[str]
+    access: list[Access] = field(default_factory=list)
+    datasets: list[DatasetCensus] = field(default_factory=list)
+    batches_per_epoch: int = 0
+    steps: int = 0
+    epochs: float = 0.0
+    cache: CacheEstimate | None = None
+    vram: VramEstimate | None = None
+    estimates_note: str | None = None  # why an estimate is rough (data not fetched yet)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (exit code, message)
+
+    @property
+    def exit_code(self) -> int:
+        codes = {code for code, _ in self.problems}
+        return next((int(c) for c in _EXIT_PRIORITY if int(c) in codes), int(ExitCode.OK))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": not self.problems,
+            "exit_code": self.exit_code,
+            "config": self.config_path,
+            "recipe_hash": self.recipe_hash,
+            "model": self.model,
+            "precision": self.precision,
+            "warnings": self.warnings,
+            "access": [
+                {"what": a.what, "uri": a.uri, "ok": a.ok, "detail": a.detail, "exit_code": a.exit_code}
+                for a in self.access
+            ],
+            "datasets": [d.as_dict() for d in self.datasets],
+            "batches_per_epoch": self.batches_per_epoch,
+            "steps": self.steps,
+            "epochs": None if math.isinf(self.epochs) else round(self.epochs, 3),
+            "cache": None
+            if self.cache is None
+            else {
+                "latent_bytes": self.cache.latent_bytes,
+                "text_bytes": self.cache.text_bytes,
+                "total_bytes": self.cache.total_bytes,
+                "latents": self.cache.latents,
+                "texts": self.cache.texts,
+            },
+            "vram": None if self.vram is None else self.vram.as_dict(),
+            "estimates_note": self.estimates_note,
+            "problems": [{"exit_code": code, "message": message} for code, message in self.problems],
+        }
+
+
+def check_command(
+    config_uri: str | None, workdir: str | Path, run_uri: str | None, overrides: list[str], *, as_json: bool
+) -> None:
+    """Open the context and check it; with ``as_json`` even a config that does not load gives one object."""
+    from job import stages
+
+    try:
+        if not config_uri:
+            raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
+        ctx = open_context(config_uri, workdir, run_uri, overrides)
+    except JobError as exc:
+        if as_json:
+            problems = getattr(exc, "problems", [exc.message])
+            print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "problems": problems}))
+        raise
+    stages.check(ctx, as_json=as_json)
+
+
+def run_check(ctx: JobContext, *, as_json: bool = False) -> CheckReport:
+    """Print the report (text, or one JSON object); raise the ``JobError`` of its exit code, if any."""
+    report = build_report(ctx)
+    print(json.dumps(report.as_dict()) if as_json else render_text(report))
+    code = report.exit_code
+    if code:
+        messages = [message for problem_code, message in report.problems if problem_code == code]
+        if code == ExitCode.BAD_CONFIG:
+            raise ConfigError(messages)
+        error = {
+            int(ExitCode.NO_PERMISSION): PermissionDeniedError,
+            int(ExitCode.BAD_DATA): DataError,
+        }.get(code, TransientError)  # network trouble while probing: worth running check again
+        raise error("\n".join(messages))
+    return report
+
+
+def build_report(ctx: JobContext) -> CheckReport:
+    from job.cache.plan import check_config
+    from job.model.components import model_geometry
+    from job.model.source import local_model_path
+
+    cfg, job = ctx.config, ctx.config.job
+    report = CheckReport(
+        str(cfg.config_path), cfg.hash, job.model_source, job.base_model_precision, list(cfg.warnings)
+    )
+    try:
+        model_folder: Path | None = Path(local_model_path(job, ctx.workdir))
+    except ConfigError:
+        model_folder = None  # a Hub or remote model not fetched yet: AuraFlow's known shapes stand in
+    geometry = model_geometry(model_folder) if model_folder else _AURAFLOW_GEOMETRY
+    try:
+        check_config(cfg.datasets, geometry)
+    except ConfigError as exc:
+        report.problems += [(int(ExitCode.BAD_CONFIG), p) for p in exc.problems]
+
+    report.access = check_access(cfg, ctx.run_uri)
+    report.problems += [(a.exit_code, f"{a.what} ({a.uri}): {a.detail}") for a in report.access if not a.ok]
+    listings = {a.what: a.objects for a in report.access if a.objects is not None}
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, world_size)
+    report.datasets = [
+        census(ctx, dataset, geometry, step, listing=listings.get(f"dataset {dataset.id!r}"))
+        for dataset in cfg.datasets
+    ]
+    report.problems += [(int(ExitCode.BAD_DATA), d.problem) for d in report.datasets if d.problem]
+    _estimate(ctx, report, model_folder, world_size)
+    return report
+
+
+def _estimate(ctx: JobContext, report: CheckReport, model_folder: Path | None, world_size: int) -> None:
+    cfg, job = ctx.config, ctx.config.job
+    global_batch = job.train_batch_size * world_size
+    usable = [d for d in report.datasets if d.scanned and not d.problem]
+    unscanned = [d for d in report.datasets if not d.scanned and not d.problem]
+    batches = EpochSampler([d.sampler_dataset() for d in usable], seed=job.seed, global_batch=global_batch)
+    # Not fetched yet: sizes unknown, so each image is taken as one bucket's member at the target size.
+    square = _square_bucket(job.resolution, job.resolution_type)
+    report.batches_per_epoch = batches.batches_per_epoch + sum(
+        d.images * (d.repeats + 1) // global_batch for d in unscanned
+    )
+    if unscanned:
+        report.estimates_note = (
+            f"datasets {', '.join(d.id for d in unscanned)} are not fetched yet: their images are counted "
+            f"from the listing and taken as {square[0]}x{square[1]}; run lokr-job fetch for exact numbers"
+        )
+    if report.batches_per_epoch:
+        report.steps, report.epochs = steps_and_epochs(cfg, report.batches_per_epoch)
+    elif not report.problems:
+        report.problems.append(
+            (int(ExitCode.BAD_DATA), "no dataset has a usable bucket: nothing to train on")
+        )
+
+    buckets: dict[tuple[int, int], int] = {}
+    for dataset in usable:
+        for size, count in dataset.buckets.items():
+            buckets[size] = buckets.get(size, 0) + count
+    if unscanned:
+        buckets[square] = buckets.get(square, 0) + sum(d.images for d in unscanned)
+    captions = {c for d in usable for c in d.caption_texts}
+    # What warm also embeds: the empty caption and the validation prompts (placeholders left unfilled:
+    # only their number matters here).
+    captions |= {
+        "",
+        job.validation_negative_prompt,
+        job.validation_prompt or "",
+        *cfg.prompt_library.values(),
+    }
+    # A remote dataset's captions are unknown until fetched: at most one per image.
+    text_count = len(captions) + sum(d.images for d in unscanned)
+    width = text_width(model_folder)
+    report.cache = cache_estimate(buckets, text_count, max_tokens=job.max_token_length, text_width=width)
+    largest = max(buckets, key=lambda s: s[0] * s[1], default=square)
+    config, source = transformer_config(model_folder)
+    report.vram = vram_estimate(cfg, config, source, largest)
+
+
+def _square_bucket(resolution: float, resolution_type: str) -> tuple[int, int]:
+    side = math.isqrt(int(area_pixels(resolution, resolution_type)))
+    side = max(16, side // 16 * 16)
+    return side, side
