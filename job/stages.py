@@ -3,50 +3,53 @@ alone; ``run`` chains them. Heavy modules are imported inside each stage so the 
 
 import logging
 
+from job import distributed
 from job.context import JobContext
 from job.errors import ConfigError
 
 log = logging.getLogger("lokr")
 
 
-def check(ctx: JobContext) -> None:
-    """Validate the config set; loading it already collected every error (exit 2) and warning."""
-    cfg = ctx.config
-    job = cfg.job
-    print(f"config: {cfg.config_path} (recipe {cfg.hash})")
-    print(f"model: {job.model_source} ({job.base_model_precision}, mixed precision {job.mixed_precision})")
-    for dataset in cfg.datasets:
-        role = "regularisation" if dataset.is_regularisation_data else "training"
-        source = dataset.instance_data_dir or dataset.aws_bucket_name or dataset.dataset_name
-        print(f"dataset {dataset.id}: {source} ({role}, repeats {dataset.repeats})")
-    steps = f"{job.max_train_steps} steps" if job.max_train_steps else f"{job.num_train_epochs} epochs"
-    print(f"training: {steps}, batch {job.train_batch_size} x {job.gradient_accumulation_steps}")
-    print(f"warnings: {len(cfg.warnings)}; config OK")
+def check(ctx: JobContext, *, as_json: bool = False) -> None:
+    """Config (already validated when loaded), access, dataset census, steps, cache size and VRAM."""
+    from job.check import run_check
+
+    run_check(ctx, as_json=as_json)
 
 
 def fetch(ctx: JobContext) -> None:
-    remote = [d.id for d in ctx.config.datasets if d.type != "local" or "://" in (d.instance_data_dir or "")]
-    if remote:
-        raise ConfigError(f"datasets {', '.join(remote)} are remote; remote fetch is not built yet")
-    log.info("fetch: config, datasets and model are local; nothing to fetch")
+    from job.fetch.run import fetch_inputs
+
+    # The work directory is per machine: its first process fills it, the others wait (job/distributed.py).
+    distributed.once_per_machine(lambda: fetch_inputs(ctx))
 
 
 def warm(ctx: JobContext) -> None:
+    from job.cache.remote import download_caches, upload_caches
     from job.cache.warm import warm_caches
 
-    warm_caches(ctx)
+    def warm_here() -> None:
+        # Remote shards first: a fresh machine then finds everything cached and loads no encoder.
+        download_caches(ctx)
+        upload_caches(ctx, warm_caches(ctx))
+
+    distributed.once_per_machine(warm_here)
 
 
 def train(ctx: JobContext) -> None:
+    from job.train.preemption import stop_requested
+    from job.train.remote import durable_checkpoints
     from job.train.run import train_adapter
 
-    train_adapter(ctx)
+    # Resumes from the run URI's newest checkpoint when it is newer, uploads each new one in the background.
+    with durable_checkpoints(ctx) as hooks:
+        train_adapter(ctx, should_stop=stop_requested, checkpoint_hooks=hooks)
 
 
 def publish(ctx: JobContext) -> None:
-    if ctx.config.job.push_to_hub or ctx.run_uri:
-        raise ConfigError("publishing to the Hub or a run URI is not built yet; unset push_to_hub/--run-uri")
-    log.info("publish: push_to_hub is off and no run URI is set; the adapter stays in %s", ctx.workdir.output)
+    from job.publish.run import publish_adapter
+
+    distributed.once(lambda: publish_adapter(ctx))
 
 
 def infer(ctx: JobContext) -> None:
@@ -54,5 +57,10 @@ def infer(ctx: JobContext) -> None:
 
 
 def run(ctx: JobContext) -> None:
+    from job.track.status import report_phase
+    from job.train.preemption import current as preemption
+
     for stage in (fetch, warm, train, publish):
+        preemption().raise_if_requested(f"the start of {stage.__name__}")
+        report_phase(stage.__name__)
         stage(ctx)

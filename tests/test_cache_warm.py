@@ -256,8 +256,8 @@ def test_buckets_too_small_for_a_step(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_a_resolution_past_the_positional_grid_is_a_config_error(small_job: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'small': resolution 1024"):
-        warm_caches(open_job(small_job, tmp_path / "work", ["resolution=1024"]))
+    with pytest.raises(ConfigError, match="'small': resolution 2048"):
+        warm_caches(open_job(small_job, tmp_path / "work", ["resolution=2048"]))
 
 
 def test_relative_cache_dirs_live_in_the_work_directory(tmp_path: Path, tiny_model: Path) -> None:

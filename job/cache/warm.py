@@ -36,6 +36,7 @@ from job.model.components import (
     text_encoder_dtype,
 )
 from job.model.source import local_model_path
+from job.train import preemption
 
 log = logging.getLogger("lokr")
 
@@ -59,12 +60,15 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     vae = LazyModel(lambda: load_vae(folder, device))
     indexes: dict[Path, CacheIndex] = {}
     for plan in plans:
+        # Between datasets (every entry written so far is whole and indexed): a SIGTERM stops here, exit 75.
+        preemption.current().raise_if_requested(f"warm (before dataset {plan.dataset.id})")
         index = indexes.setdefault(plan.cache_dir, CacheIndex.load(plan.cache_dir))
         fill_latents(plan, vae, index, job.vae_batch_size)
         drop_failed(plan, step)
     report.vae_loaded = vae.loaded
     vae.release()
 
+    preemption.current().raise_if_requested("warm (before the text embeddings)")
     text_encoder = LazyModel(lambda: load_text_encoder(folder, device))
     captions = [caption for plan in plans for sample, _ in plan.usable() for caption in sample.captions]
     # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
@@ -118,8 +122,10 @@ def _identities(ctx: JobContext, folder: Path, *, text_dtype: str) -> tuple[str,
 
 
 def _validation_prompts(ctx: JobContext) -> list[str]:
-    job = ctx.config.job
-    prompts = [job.validation_prompt, job.validation_negative_prompt, *ctx.config.prompt_library.values()]
+    """The prompts validation renders, as it renders them (``<token>`` filled in), and its negative."""
+    from job.validate.prompts import validation_prompts
+
+    prompts = [*validation_prompts(ctx.config).values(), ctx.config.job.validation_negative_prompt]
     return [prompt for prompt in prompts if prompt]
 
 

@@ -44,16 +44,16 @@ def train_adapter(
 
     Raises ``TransientError`` (exit 75) when ``should_stop`` ended the run early with a checkpoint saved.
     """
-    from accelerate import Accelerator
-
     from job.cache.dataset import TrainingData
+    from job.distributed import any_rank, make_accelerator
     from job.train.output import ADAPTER_FILE, is_finished, write_output
     from job.train.schedule import total_steps
 
     started = time.perf_counter()
     config, job, workdir = ctx.config, ctx.config.job, ctx.workdir
     _check_trainable(ctx)
-    accelerator = Accelerator(mixed_precision=job.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=job.mixed_precision)
+    should_stop = any_rank(should_stop)  # all ranks stop at the same step boundary
     data = TrainingData.open(ctx, world_size=accelerator.num_processes, rank=accelerator.process_index)
     total = total_steps(job, data.batches_per_epoch)
     if is_finished(workdir.output, config_hash=config.hash, step=total):
@@ -66,6 +66,10 @@ def train_adapter(
         ctx, accelerator, data, total, should_stop=should_stop, checkpoint_hooks=checkpoint_hooks
     )
     log.info("train: set up in %.1f s", time.perf_counter() - started)
+    if accelerator.is_main_process:
+        from job.train.observers import TrainingObserver
+
+        run.trainer.observer = TrainingObserver.for_run(ctx, run, data)
     try:
         finished = run.trainer.train(run.state, total)
     finally:
@@ -98,6 +102,7 @@ def build_trainer(
     checkpoint_hooks: Iterable[CheckpointHook] = (),
 ) -> TrainingRun:
     """Load and prepare the model, attach LoKr, build optimizer, schedule and EMA, resume per the config."""
+    from job.distributed import require_same
     from job.model.lokr import attach_lokr
     from job.model.offload import apply_group_offload
     from job.model.source import local_model_path
@@ -138,6 +143,7 @@ def build_trainer(
 
     state = TrainState()
     resume = resolve_resume(workdir.checkpoints, job.resume_from_checkpoint)
+    require_same(resume.name if resume is not None else None, "the checkpoint to resume from")
     if resume is not None:
         state = load_training_state(
             resume, objects, config_hash=config.hash, world_size=accelerator.num_processes
