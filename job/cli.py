@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         log.error("interrupted")
-        return int(ExitCode.TRANSIENT)
+        return int(ExitCode.TRANSIENT) if args.command in PREEMPTIBLE else 130
     except Exception:
         log.error("lokr-job hit a bug; please report it with this traceback:\n%s", traceback.format_exc())
         return int(ExitCode.BUG)
@@ -163,7 +163,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         with reporting(ctx.workdir.status, ctx.run_uri, args.command):
             getattr(stages, args.command)(ctx)
         return
-    getattr(stages, args.command)(ctx)
+    raise AssertionError(f"no dispatch for command {args.command!r}")
 
 
 if __name__ == "__main__":

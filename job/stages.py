@@ -5,7 +5,6 @@ import logging
 
 from job import distributed
 from job.context import JobContext
-from job.errors import ConfigError
 
 log = logging.getLogger("lokr")
 
@@ -50,10 +49,6 @@ def publish(ctx: JobContext) -> None:
     from job.publish.run import publish_adapter
 
     distributed.once(lambda: publish_adapter(ctx))
-
-
-def infer(ctx: JobContext) -> None:
-    raise ConfigError("lokr-job infer is not built yet")
 
 
 def run(ctx: JobContext) -> None:

@@ -67,7 +67,3 @@ class WorkDir:
             return default
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else self.root / candidate
-
-    def ensure(self) -> "WorkDir":
-        self.root.mkdir(parents=True, exist_ok=True)
-        return self

@@ -1,8 +1,10 @@
 """The command line as a user meets it: help, usage errors and exit codes."""
 
+import re
 import subprocess
 import sys
 
+from job.cli import build_parser
 from job.errors import ExitCode
 
 
@@ -13,8 +15,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_help_lists_every_command_and_the_exit_codes() -> None:
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("run", "check", "fetch", "warm", "train", "publish", "infer", "tiny"):
-        assert command in result.stdout
+    listed = re.findall(r"^    (\w+)  ", result.stdout, flags=re.MULTILINE)
+    assert listed == ["run", "check", "fetch", "warm", "train", "publish", "infer", "tiny"]
     assert "75 transient failure or preempted" in result.stdout
 
 
@@ -31,10 +33,18 @@ def test_help_does_not_import_torch_or_cloud_sdks() -> None:
     assert "HEAVY []" in result.stdout
 
 
-def test_each_job_option_reads_its_environment_variable() -> None:
-    result = _cli("train", "--help")
+def test_each_job_option_reads_its_environment_variable(monkeypatch) -> None:
+    monkeypatch.setenv("LOKR_CONFIG", "s3://bucket/config.json")
+    monkeypatch.setenv("LOKR_WORKDIR", "/scratch/work")
+    monkeypatch.setenv("LOKR_RUN_URI", "hf://owner/runs/run1")
+    args = build_parser().parse_args(["train"])
+    assert (args.config, args.workdir, args.run_uri) == (
+        "s3://bucket/config.json",
+        "/scratch/work",
+        "hf://owner/runs/run1",
+    )
     for name in ("LOKR_CONFIG", "LOKR_WORKDIR", "LOKR_RUN_URI"):
-        assert name in result.stdout
+        assert name in _cli("train", "--help").stdout
 
 
 def test_missing_config_is_a_usage_error(tmp_path) -> None:

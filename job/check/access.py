@@ -129,7 +129,13 @@ def _hub_writable(what: str, repo_id: str, *, repo_type: str = "model", shown: s
     try:
         me = api.whoami()
     except Exception as exc:
-        return Access(what, shown, False, f"no usable Hub token (set HF_TOKEN): {_hub_problem(exc)}", 4)
+        code = _hub_exit_code(exc)
+        reason = (
+            "no usable Hub token (set HF_TOKEN)"
+            if code == ExitCode.NO_PERMISSION
+            else "the Hub did not answer"
+        )
+        return Access(what, shown, False, f"{reason}: {_hub_problem(exc)}", code)
     token = (me.get("auth") or {}).get("accessToken") or {}
     role = token.get("role", "unknown")
     user = me.get("name", "?")

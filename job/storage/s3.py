@@ -93,7 +93,8 @@ class S3Storage:
         self, *, endpoint_url: str | None = None, region: str | None = None, max_concurrency: int = 0
     ):
         self._endpoint_url = endpoint_url or None
-        self._region = region or None
+        # botocore reads AWS_DEFAULT_REGION only; the docs (and most platforms) set AWS_REGION.
+        self._region = region or os.environ.get("AWS_REGION") or None
         self._workers = max_concurrency or int(os.environ.get("LOKR_S3_CONCURRENCY", "16"))
         self._lock = threading.Lock()
         self._session: Any = None
