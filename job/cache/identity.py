@@ -7,7 +7,7 @@ mtime in the work directory; an unchanged file is hashed once per work directory
 import hashlib
 from pathlib import Path
 
-from job.data.files import read_json, write_json_atomic
+from job.files import read_json, write_json_atomic
 
 _CHUNK = 8 * 1024 * 1024
 

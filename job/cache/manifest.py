@@ -15,7 +15,7 @@ from pathlib import Path
 from job.config.loader import ResolvedConfig
 from job.config.schema import DatasetConfig
 from job.data.buckets import Size
-from job.data.files import read_json, write_bytes_atomic
+from job.files import read_json, write_bytes_atomic
 
 _MANIFEST_VERSION = 1
 # Dataset keys that training reads from the config directly: changing them needs no warm.

@@ -31,9 +31,9 @@ from job.cache import layout
 from job.cache.report import WarmReport
 from job.cache.store import INDEX_NAME
 from job.context import JobContext
+from job.files import sha256_file
 from job.storage import join, storage_for
 from job.track.redact import redact
-from job.train.files import sha256_file
 
 log = logging.getLogger("lokr")
 

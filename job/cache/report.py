@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from job.data.files import write_json_atomic
 from job.data.scan import Skipped
+from job.files import write_json_atomic
 
 log = logging.getLogger("lokr")
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from job.data.files import read_json, write_atomic, write_json_atomic
+from job.files import read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger("lokr")
 

@@ -14,10 +14,10 @@ from typing import Any
 from job.config.schema import DatasetConfig
 from job.data.captions import CaptionProblem, captions_for
 from job.data.discovery import FoundImage, find_images
-from job.data.files import read_json, write_json_atomic
 from job.data.geometry import ModelGeometry, is_smaller_than
 from job.data.images import UnreadableImage, probe_image
 from job.data.transform import Transform, plan_transform
+from job.files import read_json, write_json_atomic
 
 _PROBE_VERSION = 1
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from job.config.loader import ResolvedConfig
 from job.errors import ConfigError
+from job.files import write_bytes_atomic
 from job.model.source import hub_base_model
 from job.publish.card import model_card
 from job.train.output import ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE
@@ -39,7 +40,8 @@ def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[s
     elif cfg.lycoris is not None:
         from job.model.lokr import lycoris_settings
 
-        (dest / CONFIG_FILE).write_text(json.dumps(lycoris_settings(cfg.lycoris), indent=4) + "\n")
+        settings = json.dumps(lycoris_settings(cfg.lycoris), indent=4) + "\n"
+        write_bytes_atomic(dest / CONFIG_FILE, settings.encode("utf-8"))
     if (output / EMA_FILE).is_file():
         _place(output / EMA_FILE, dest / EMA_FILE)
     images = latest_validation_images(cfg, output)
@@ -48,7 +50,7 @@ def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[s
     card = model_card(
         cfg, base_model=hub_base_model(cfg.job), validation_images=images, step=trained_step(cfg, output)
     )
-    (dest / "README.md").write_text(card, encoding="utf-8")
+    write_bytes_atomic(dest / "README.md", card.encode("utf-8"))
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
 
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from job.files import write_bytes_atomic
 from job.track.redact import redact
 
 log = logging.getLogger("lokr")
@@ -95,10 +96,7 @@ class StatusReporter:
                 self._write_remote(data)
 
     def _write_local(self, data: bytes) -> None:
-        self.local_path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.local_path.with_name(f".{self.local_path.name}.{os.getpid()}.tmp")
-        temp.write_bytes(data)
-        os.replace(temp, self.local_path)
+        write_bytes_atomic(self.local_path, data)
 
     def _write_remote(self, data: bytes) -> None:
         if self.remote_uri is None:

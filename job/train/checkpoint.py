@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.train.files import fsync_dir, fsync_file, sha256_file
+from job.files import fsync_dir, fsync_file, sha256_file
 
 log = logging.getLogger("lokr")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.config.schema import LycorisConfig
+from job.files import sha256_file, write_atomic
 from job.model.lokr import lycoris_settings, save_adapter
-from job.train.files import sha256_file, write_atomically
 
 if TYPE_CHECKING:
     from lycoris import LycorisNetwork
@@ -40,14 +40,16 @@ def write_output(
     output_dir.mkdir(parents=True, exist_ok=True)
     # A record left from an earlier run must not vouch for files being replaced.
     (output_dir / RESULT_FILE).unlink(missing_ok=True)
-    write_atomically(output_dir / ADAPTER_FILE, lambda tmp: save_adapter(network, tmp, lycoris))
+    write_atomic(output_dir / ADAPTER_FILE, lambda tmp: save_adapter(network, tmp, lycoris), durable=True)
     settings = json.dumps(lycoris_settings(lycoris), indent=4) + "\n"
-    write_atomically(output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(settings, encoding="utf-8"))
+    write_atomic(
+        output_dir / CONFIG_FILE, lambda tmp: tmp.write_text(settings, encoding="utf-8"), durable=True
+    )
     written = [ADAPTER_FILE, CONFIG_FILE]
     if ema is not None:
         (output_dir / EMA_FILE).parent.mkdir(exist_ok=True)
         with ema.swapped_in():
-            write_atomically(output_dir / EMA_FILE, lambda tmp: save_adapter(network, tmp, lycoris))
+            write_atomic(output_dir / EMA_FILE, lambda tmp: save_adapter(network, tmp, lycoris), durable=True)
         written.append(EMA_FILE)
     else:
         (output_dir / EMA_FILE).unlink(missing_ok=True)
@@ -57,7 +59,7 @@ def write_output(
         "files": {name: sha256_file(output_dir / name) for name in written},
     }
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    write_atomically(output_dir / RESULT_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(output_dir / RESULT_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
     return output_dir / ADAPTER_FILE
 
 
