@@ -39,6 +39,9 @@ def eval_loss(
     """
     import torch
 
+    # The same x_t and target as the training loss: an eval loss must measure what training optimises.
+    from job.train.flow import flow_target, noisy_latents
+
     first = next(transformer.parameters())
     device = torch.device(device) if device is not None else first.device
     dtype = dtype or getattr(transformer, "dtype", None) or first.dtype
@@ -53,15 +56,16 @@ def eval_loss(
                 embeds = _masked(batch.prompt_embeds, batch.prompt_mask).to(device, dtype)
                 for sigma in sigmas:
                     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-                    noisy = (1 - sigma) * x0 + sigma * noise
-                    timestep = torch.full((x0.shape[0],), sigma, device=device, dtype=dtype)
+                    sigma_batch = torch.full((x0.shape[0],), sigma, dtype=torch.float32)
+                    noisy = noisy_latents(x0, noise, sigma_batch)
+                    timestep = sigma_batch.to(device, dtype)
                     prediction = transformer(
                         hidden_states=noisy.to(device, dtype),
                         encoder_hidden_states=embeds,
                         timestep=timestep,
                         return_dict=False,
                     )[0]
-                    target = (noise - x0).to(device)
+                    target = flow_target(x0, noise).to(device)
                     per_sample = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
                     total += per_sample.sum().item()
                     count += per_sample.numel()
