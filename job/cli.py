@@ -77,7 +77,7 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
         "--config",
         default=os.environ.get("LOKR_CONFIG"),
         metavar="URI",
-        help="config.json: a path, file://, s3://bucket/key or hf://owner/repo/path (env LOKR_CONFIG)",
+        help="config.json: a path, file://, s3://bucket/key or hf://[datasets/]owner/repo[@rev]/path (env LOKR_CONFIG)",
     )
     sub.add_argument(
         "--workdir",
