@@ -11,6 +11,7 @@ A single process (no ``WORLD_SIZE`` above 1) just runs each step: no process gro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -158,9 +159,19 @@ def _run_shared(fn: Callable[[], T], selected: bool, who: str) -> T | None:
     return result
 
 
+# Long enough for rank 0's final validation and upload; a peer that died is noticed at once anyway.
+_SHUTDOWN_WAIT_SECONDS = 1800
+
+
 def shutdown() -> None:
     """Tear the process group down before exiting: left to the interpreter's exit, gloo's threads abort
     the process (SIGABRT), and the job's exit code (2, 75, ...) would be lost."""
     dist = sys.modules.get("torch.distributed")  # not imported: no group to tear down
     if dist is not None and dist.is_available() and dist.is_initialized():
+        from datetime import timedelta
+
+        # Rank 0 may still be validating or publishing: a peer that tears its side down first makes
+        # gloo abort the process. Wait for everyone (bounded, so a dead peer cannot hang the exit).
+        with contextlib.suppress(RuntimeError):
+            dist.monitored_barrier(timeout=timedelta(seconds=_SHUTDOWN_WAIT_SECONDS))
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -402,7 +403,13 @@ def test_entrypoint_stops_a_runpod_pod_only_after_a_final_exit(stubs: Path, code
 def test_entrypoint_refuses_an_unwritable_workdir_as_non_root(stubs: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    cmd = ["bash", str(ENTRYPOINT)]
+    # A copy the unprivileged user can read whatever the checkout's permissions (mktemp -d makes 0700).
+    readable = Path(tempfile.mkdtemp(prefix="lokr-entrypoint-"))
+    readable.chmod(0o755)
+    script = readable / "entrypoint.sh"
+    shutil.copy(ENTRYPOINT, script)
+    script.chmod(0o755)
+    cmd = ["bash", str(script)]
     if os.geteuid() == 0:  # root writes anywhere: become nobody, as `docker run --user` would
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv (util-linux) is needed to run this test as root"
@@ -410,6 +417,7 @@ def test_entrypoint_refuses_an_unwritable_workdir_as_non_root(stubs: Path, tmp_p
         tmp_path.chmod(0o755)
     env = {"PATH": f"{stubs}:/usr/bin:/bin", "LOKR_CONFIG": "c.json", "LOKR_WORKDIR": str(locked / "w")}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    shutil.rmtree(readable)
     assert out.returncode == ExitCode.NO_PERMISSION, out.stderr
     assert "not writable" in out.stderr
 
