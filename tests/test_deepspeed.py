@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from job.config import deepspeed as ds
 from job.config.schema import JobConfig
 from job.errors import ConfigError, ExitCode
-from job.model import deepspeed as ds
+from job.model.deepspeed import deepspeed_plugin, require_deepspeed
 
 STAGE_2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
 STAGE_3_OFFLOAD = {
@@ -148,7 +149,7 @@ def test_the_accelerate_plugin_carries_the_config(tmp_path, monkeypatch):
     for name in list(os.environ):
         if name.startswith("ACCELERATE_"):
             monkeypatch.delenv(name)
-    plugin = ds.deepspeed_plugin(full_job(write(tmp_path, STAGE_3_OFFLOAD), max_grad_norm=0.01))
+    plugin = deepspeed_plugin(full_job(write(tmp_path, STAGE_3_OFFLOAD), max_grad_norm=0.01))
     assert plugin.zero_stage == 3
     assert plugin.offload_optimizer_device == "cpu" and plugin.offload_param_device == "nvme"
     assert plugin.zero3_init_flag is True
@@ -156,7 +157,7 @@ def test_the_accelerate_plugin_carries_the_config(tmp_path, monkeypatch):
     assert plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] is False
 
     job = full_job(write(tmp_path, STAGE_2), gradient_accumulation_steps=4, train_batch_size=2)
-    plugin = ds.deepspeed_plugin(job)
+    plugin = deepspeed_plugin(job)
     assert plugin.zero_stage == 2 and plugin.zero3_init_flag is False
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == 4
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
@@ -165,7 +166,7 @@ def test_the_accelerate_plugin_carries_the_config(tmp_path, monkeypatch):
 def test_deepspeed_missing_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(ConfigError, match=r"lokr-job\[deepspeed\]"):
-        ds.require_deepspeed()
+        require_deepspeed()
 
 
 # Run in a process of its own: DeepSpeed initialises torch.distributed. argv[1] is the job's config.

@@ -135,6 +135,6 @@ def test_nothing_happens_unless_enabled(tmp_path):
 
 
 def test_full_rank_training_is_pointed_at_deepspeed(tmp_path):
-    job = job_config(model_type="full", enable_group_offload=True)
+    job = job_config(model_type="full", deepspeed_config="ds_config.json", enable_group_offload=True)
     with pytest.raises(ConfigError, match="deepspeed_config"):
         apply_group_offload(tiny_model()[0], job, tmp_path, CPU)

@@ -16,6 +16,7 @@ import json5
 from pydantic import BaseModel, ValidationError
 
 from job.config import paths
+from job.config.deepspeed import deepspeed_problems
 from job.config.schema import DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
 from job.config.simpletuner import IGNORED_DATASET_KEYS, IGNORED_JOB_KEYS
 from job.errors import ConfigError
@@ -33,6 +34,7 @@ class ResolvedConfig:
     text_embeds: TextEmbedsConfig
     lycoris: LycorisConfig | None
     prompt_library: dict[str, str]
+    deepspeed: dict[str, Any] | None  # deepspeed_config's contents, checked
     config_path: Path
     files: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -40,11 +42,13 @@ class ResolvedConfig:
     @property
     def hash(self) -> str:
         """Identifies the training recipe; a checkpoint made under another recipe is flagged on resume."""
-        recipe = {
+        recipe: dict[str, Any] = {
             "job": self.job.model_dump(mode="json"),
             "datasets": [d.model_dump(mode="json") for d in self.datasets],
             "lycoris": self.lycoris.model_dump(mode="json") if self.lycoris else None,
         }
+        if self.deepspeed is not None:
+            recipe["deepspeed"] = self.deepspeed
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,6 +95,15 @@ def load_config(
     datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems, remote_origin)
     lycoris = _load_lycoris(files.get("lycoris_config"), problems)
     library = _load_prompt_library(files.get("user_prompt_library"), problems)
+    deepspeed = _load_deepspeed(files.get("deepspeed_config"), job, problems)
+    if job is not None and job.model_type == "full":
+        for dataset in datasets:
+            if dataset.is_regularisation_data:
+                problems.error(
+                    files["data_backend_config"],
+                    f"{dataset.id}: is_regularisation_data needs model_type lora (its targets are the base "
+                    "model's predictions with the adapter off; full-rank training has no base model left)",
+                )
 
     if problems.errors or job is None:
         raise ConfigError(problems.errors)
@@ -100,6 +113,7 @@ def load_config(
         text_embeds=text_embeds or TextEmbedsConfig(),
         lycoris=lycoris,
         prompt_library=library,
+        deepspeed=deepspeed,
         config_path=config_path,
         files=files,
         warnings=problems.warnings,
@@ -256,6 +270,17 @@ def _load_lycoris(path: Path | None, problems: _Problems) -> LycorisConfig | Non
         return None
     parsed = _validate(LycorisConfig, raw, path, problems)
     return parsed if isinstance(parsed, LycorisConfig) else None
+
+
+def _load_deepspeed(path: Path | None, job: JobConfig | None, problems: _Problems) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    raw = _read_json5(path, problems, expect=dict)
+    if raw is None or job is None:
+        return None
+    for problem in deepspeed_problems(raw, job):
+        problems.error(path, problem)
+    return raw
 
 
 def _load_prompt_library(path: Path | None, problems: _Problems) -> dict[str, str]:

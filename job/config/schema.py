@@ -135,6 +135,8 @@ class JobConfig(_Strict):
             problems.append("set max_train_steps or num_train_epochs to a number above 0")
         if self.model_type == "lora" and not self.lycoris_config:
             problems.append("lycoris_config is required when model_type is lora (lora_type lycoris)")
+        if self.model_type == "full":
+            problems += self._full_rank_problems()
         if self.enable_group_offload and self.enable_model_cpu_offload:
             problems.append(
                 "enable_group_offload and enable_model_cpu_offload cannot be combined: keep one "
@@ -145,6 +147,24 @@ class JobConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _full_rank_problems(self) -> list[str]:
+        problems = []
+        if not self.deepspeed_config:
+            problems.append(
+                "model_type full trains all 6.8B weights: set deepspeed_config to a DeepSpeed ZeRO stage 2 or 3 "
+                "JSON (docs/config.md), or train a LoKr with model_type lora"
+            )
+        if self.base_model_precision in ("int8-quanto", "int4-quanto"):
+            problems.append(
+                f"base_model_precision {self.base_model_precision} cannot be trained full-rank (quantized weights "
+                "have no gradients): use bf16, or model_type lora"
+            )
+        if self.use_ema:
+            problems.append(
+                "use_ema works with model_type lora only; set use_ema false for full-rank training"
+            )
+        return problems
 
     @property
     def model_source(self) -> str:
