@@ -21,6 +21,7 @@ from job.errors import ConfigError, ExitCode, JobError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
 
 T = TypeVar("T")
 
@@ -54,17 +55,43 @@ def process_state() -> PartialState:
     return PartialState(cpu=use_cpu())
 
 
-def make_accelerator(**kwargs: object) -> Accelerator:
+def make_accelerator(*, deepspeed_plugin: DeepSpeedPlugin | None = None, **kwargs: object) -> Accelerator:
     """An ``Accelerator`` that is really distributed whenever the job runs as several processes."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=use_cpu(), **kwargs)
+    if deepspeed_plugin is not None:
+        _single_process_rendezvous()
+    # DeepSpeed runs on a machine without a GPU through its own CPU accelerator; accelerate's cpu=True
+    # would silently switch DeepSpeed off.
+    cpu = use_cpu() and deepspeed_plugin is None
+    accelerator = Accelerator(cpu=cpu, deepspeed_plugin=deepspeed_plugin, **kwargs)
     if accelerator.num_processes != world_size():
         raise RuntimeError(
             f"WORLD_SIZE is {world_size()} but accelerate set up {accelerator.num_processes} process(es) "
             f"({accelerator.distributed_type}); the ranks would train apart and overwrite each other's files"
         )
     return accelerator
+
+
+def _single_process_rendezvous() -> None:
+    """DeepSpeed sets up torch.distributed even for one process, and without torchrun's variables it looks
+    for MPI; a job started as a plain process is rank 0 of 1 on this machine."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:  # a free port for the one-member group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
 
 
 def any_rank(flag: Callable[[], bool]) -> Callable[[], bool]:

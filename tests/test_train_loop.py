@@ -16,10 +16,10 @@ from job.train.checkpoint import latest_complete, list_checkpoints
 from job.train.checkpointer import Checkpointer
 from job.train.ema import AdapterEMA
 from job.train.flow import draw_step, flow_loss, flow_target, noisy_latents, step_generator
-from job.train.loop import Trainer
+from job.train.loop import LoKrTrainer
 from job.train.optimizers import adapter_dtype, build_optimizer
 from job.train.schedule import build_lr_scheduler, total_steps
-from job.train.state import TrainingObjects, TrainState, load_training_state
+from job.train.state import TrainingObjects, TrainState, load_training_state, save_training_state
 
 # The seed's preset (Attention, factor 8).
 LYCORIS = LycorisConfig.model_validate(
@@ -118,7 +118,7 @@ def make_job(**settings) -> JobConfig:
 
 def make_trainer(
     job: JobConfig, data: FakeData, checkpoints: Path | None = None, lycoris: LycorisConfig = LYCORIS
-) -> Trainer:
+) -> LoKrTrainer:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -141,9 +141,14 @@ def make_trainer(
     checkpointer = None
     if checkpoints is not None:
         checkpointer = Checkpointer(
-            checkpoints, objects, accelerator, config_hash="test", total_limit=job.checkpoints_total_limit
+            checkpoints,
+            lambda folder, state: save_training_state(
+                folder, objects, state, config_hash="test", world_size=1
+            ),
+            accelerator,
+            total_limit=job.checkpoints_total_limit,
         )
-    return Trainer(
+    return LoKrTrainer(
         accelerator=accelerator,
         transformer=transformer,
         objects=objects,
@@ -154,7 +159,7 @@ def make_trainer(
     )
 
 
-def fixed_loss(trainer: Trainer, batch: Batch) -> float:
+def fixed_loss(trainer: LoKrTrainer, batch: Batch) -> float:
     """The loss at fixed σ and noise, so before/after compare the model, not the draws."""
     draws = draw_step(step_generator(123, 0, 0), batch.latents.shape, shift=None)
     with torch.no_grad():

@@ -6,6 +6,11 @@ LoKr is attached to that meta model to count the adapter's. Activations follow K
 ("Reducing Activation Recomputation in Large Transformer Models"): about 34·s·h bytes per transformer
 block and sample in 16-bit with a fused attention kernel (no s² term), and only the block input (2·s·h
 bytes) per block under gradient checkpointing, plus one block recomputed at a time.
+
+Full-rank (``model_type: full``) follows the ZeRO paper's accounting (Rajbhandari et al. 2020) per GPU
+of N: 16-bit weights whole (ZeRO-2) or a 1/N slice plus two blocks gathered at a time (ZeRO-3; none
+resident with ``offload_param``), 16-bit gradients 1/N, and 12 bytes per parameter of fp32 master weights
+and Adam moments 1/N (none on the GPU with ``offload_optimizer``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ _ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34
 _CHECKPOINTED_BYTES_PER_TOKEN_WIDTH = 2
 # CUDA context, cuBLAS workspaces and allocator fragmentation: seen as 1-2 GiB on every PyTorch job.
 _RUNTIME_OVERHEAD = 1.5 * GIB
+# fp32 master weight and two Adam moments per trained parameter, as ZeRO's mixed precision keeps them.
+_FULL_RANK_OPTIMIZER_BYTES = 12
 # Optimizer state tensors per adapter parameter (fp32 unless the optimizer says otherwise).
 _OPTIMIZER_STATES = {
     "adamw": 2,
@@ -53,14 +60,15 @@ class CacheEstimate:
 @dataclass(frozen=True)
 class VramEstimate:
     parameters: int  # the transformer's
-    adapter_parameters: int
-    weights_bytes: int  # resident on the GPU (after group offload)
-    adapter_bytes: int  # LoKr weights and their gradients
+    adapter_parameters: int  # the trained ones: the LoKr's, or every one (full-rank)
+    weights_bytes: int  # resident on the GPU (after group offload, or this GPU's ZeRO share)
+    adapter_bytes: int  # LoKr weights and their gradients, or this GPU's share of the gradients (full-rank)
     optimizer_bytes: int
     activation_bytes: int
     overhead_bytes: int
     bucket: tuple[int, int]  # the largest bucket: activations grow with it
     parameters_from: str  # the config the parameters were counted from
+    training: str = "LoKr"  # what trains: "LoKr", or "full-rank, ZeRO-<stage> over <N> GPU(s)"
 
     @property
     def peak_bytes(self) -> int:
@@ -111,10 +119,12 @@ def text_width(model_folder: Path | None) -> int:
 
 
 def vram_estimate(
-    cfg: ResolvedConfig, config: dict[str, Any], source: str, bucket: tuple[int, int]
+    cfg: ResolvedConfig, config: dict[str, Any], source: str, bucket: tuple[int, int], world_size: int = 1
 ) -> VramEstimate:
     job = cfg.job
     counts = _count_parameters(cfg, config)
+    if job.model_type == "full":
+        return _full_rank_estimate(cfg, config, source, bucket, world_size, counts)
     # Quantized: Linear weights take one byte (int8) or half of one (int4; scales are negligible),
     # everything else stays bf16.
     linear_bytes = {"int8-quanto": 1.0, "int4-quanto": 0.5}.get(job.base_model_precision, 2.0)
@@ -134,6 +144,64 @@ def vram_estimate(
     state_bytes = 1 if job.optimizer == "bnb-lion8bit-paged" else adapter_dtype_bytes
     optimizer_bytes = states * counts.adapter * state_bytes
 
+    return VramEstimate(
+        parameters=counts.total,
+        adapter_parameters=counts.adapter,
+        weights_bytes=int(weight_bytes),
+        adapter_bytes=adapter_bytes,
+        optimizer_bytes=optimizer_bytes,
+        activation_bytes=_activation_bytes(cfg, config, bucket, blocks),
+        overhead_bytes=int(_RUNTIME_OVERHEAD),
+        bucket=bucket,
+        parameters_from=source,
+    )
+
+
+def _full_rank_estimate(
+    cfg: ResolvedConfig,
+    config: dict[str, Any],
+    source: str,
+    bucket: tuple[int, int],
+    world_size: int,
+    counts: _Counts,
+) -> VramEstimate:
+    job = cfg.job
+    zero = (cfg.deepspeed or {}).get("zero_optimization", {})
+    stage = int(zero.get("stage", 2))
+    offloaded = {
+        section: str((zero.get(section) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+        for section in ("offload_param", "offload_optimizer")
+    }
+    dtype_bytes = 4 if job.mixed_precision == "no" else 2
+    blocks = counts.blocks or 1
+    if stage == 3:
+        # Each rank keeps its slice; the weights of the block being computed and the one prefetched are
+        # gathered whole.
+        gathered = 2 * dtype_bytes * counts.total * counts.block_fraction / blocks
+        weights = gathered + (0 if offloaded["offload_param"] else dtype_bytes * counts.total / world_size)
+    else:
+        weights = dtype_bytes * counts.total
+    optimizer = (
+        0 if offloaded["offload_optimizer"] else _FULL_RANK_OPTIMIZER_BYTES * counts.total / world_size
+    )
+    return VramEstimate(
+        parameters=counts.total,
+        adapter_parameters=counts.total,
+        weights_bytes=int(weights),
+        adapter_bytes=int(dtype_bytes * counts.total / world_size),
+        optimizer_bytes=int(optimizer),
+        activation_bytes=_activation_bytes(cfg, config, bucket, blocks),
+        overhead_bytes=int(_RUNTIME_OVERHEAD),
+        bucket=bucket,
+        parameters_from=source,
+        training=f"full-rank, ZeRO-{stage} over {world_size} GPU(s)",
+    )
+
+
+def _activation_bytes(
+    cfg: ResolvedConfig, config: dict[str, Any], bucket: tuple[int, int], blocks: int
+) -> int:
+    job = cfg.job
     width, height = bucket
     patch = int(config.get("patch_size", 2))
     tokens = (width // (VAE_DOWNSAMPLE * patch)) * (height // (VAE_DOWNSAMPLE * patch)) + job.max_token_length
@@ -141,20 +209,8 @@ def vram_estimate(
     per_block = _ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * hidden * job.train_batch_size
     if job.gradient_checkpointing:
         kept = _CHECKPOINTED_BYTES_PER_TOKEN_WIDTH * tokens * hidden * job.train_batch_size
-        activations = blocks * kept + per_block
-    else:
-        activations = blocks * per_block
-    return VramEstimate(
-        parameters=counts.total,
-        adapter_parameters=counts.adapter,
-        weights_bytes=int(weight_bytes),
-        adapter_bytes=adapter_bytes,
-        optimizer_bytes=optimizer_bytes,
-        activation_bytes=activations,
-        overhead_bytes=int(_RUNTIME_OVERHEAD),
-        bucket=bucket,
-        parameters_from=source,
-    )
+        return blocks * kept + per_block
+    return blocks * per_block
 
 
 @dataclass(frozen=True)
@@ -181,7 +237,7 @@ def _count_parameters(cfg: ResolvedConfig, config: dict[str, Any]) -> _Counts:
     blocks = sum(len(b) for b in block_lists)
     in_blocks = sum(p.numel() for b in block_lists for p in b.parameters())
     adapter = 0
-    if cfg.lycoris is not None:
+    if cfg.lycoris is not None and cfg.job.model_type == "lora":
         # Counting on a meta model: LyCORIS's notes and ours about wrapping belong to training's log.
         logging.disable(logging.WARNING)
         try:

@@ -49,7 +49,8 @@ def render_text(report: CheckReport) -> str:
             f"peak VRAM (estimate): {v.peak_bytes / GIB:.1f} GiB at bucket {v.bucket[0]}x{v.bucket[1]}",
             f"  transformer {_count(v.parameters)} parameters (from {v.parameters_from}): "
             f"{_size(v.weights_bytes)} resident",
-            f"  LoKr {_count(v.adapter_parameters)} parameters: {_size(v.adapter_bytes)} with gradients; "
+            f"  {v.training}: {_count(v.adapter_parameters)} parameters trained, "
+            f"{_size(v.adapter_bytes)} {'with ' if v.training == 'LoKr' else ''}gradients; "
             f"optimizer state {_size(v.optimizer_bytes)}",
             f"  activations {_size(v.activation_bytes)}; CUDA context and allocator {_size(v.overhead_bytes)}",
         ]

@@ -146,6 +146,13 @@ def build_report(ctx: JobContext) -> CheckReport:
         check_config(cfg.datasets, geometry)
     except ConfigError as exc:
         report.problems += [(int(ExitCode.BAD_CONFIG), p) for p in exc.problems]
+    if job.model_type == "full":
+        from job.model.deepspeed import require_deepspeed
+
+        try:
+            require_deepspeed()
+        except ConfigError as exc:
+            report.problems.append((int(ExitCode.BAD_CONFIG), exc.message))
 
     report.access = check_access(cfg, ctx.run_uri)
     report.problems += [(a.exit_code, f"{a.what} ({a.uri}): {a.detail}") for a in report.access if not a.ok]
@@ -206,7 +213,7 @@ def _estimate(ctx: JobContext, report: CheckReport, model_folder: Path | None, w
     report.cache = cache_estimate(buckets, text_count, max_tokens=job.max_token_length, text_width=width)
     largest = max(buckets, key=lambda s: s[0] * s[1], default=square)
     config, source = transformer_config(model_folder)
-    report.vram = vram_estimate(cfg, config, source, largest)
+    report.vram = vram_estimate(cfg, config, source, largest, world_size)
 
 
 def _square_bucket(resolution: float, resolution_type: str) -> tuple[int, int]:

@@ -40,19 +40,30 @@ def checkpoint_step(path: Path) -> int | None:
 def write_checkpoint(root: Path, step: int, write_contents: Callable[[Path], None]) -> Path:
     """Create ``root/checkpoint-<step>`` atomically: contents, then fsync, then the marker, then rename."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
     temp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{step:08d}.", dir=root))
     try:
         write_contents(temp)
-        write_marker(temp, step)
-        if final.exists():
-            # An incomplete or stale folder of the same step (e.g. from before a crash) gives way.
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        fsync_dir(root)
+        return seal_checkpoint(root, step, temp)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def shared_staging_folder(root: Path, step: int) -> Path:
+    """The temporary folder that every process writes its part of step ``step``'s checkpoint into (ZeRO
+    shards); a name all processes agree on without talking, hidden from ``latest`` like any temp folder."""
+    return root / f"{_TEMP_PREFIX}{step:08d}.shared"
+
+
+def seal_checkpoint(root: Path, step: int, temp: Path) -> Path:
+    """Marker, then rename the filled ``temp`` folder to ``root/checkpoint-<step>``; return that path."""
+    final = root / checkpoint_name(step)
+    write_marker(temp, step)
+    if final.exists():
+        # An incomplete or stale folder of the same step (e.g. from before a crash) gives way.
+        shutil.rmtree(final)
+    os.replace(temp, final)
+    fsync_dir(root)
     return final
 
 

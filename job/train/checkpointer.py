@@ -1,5 +1,10 @@
 """Saving checkpoints while training: where, rotation, and the hooks told about each finished one.
 
+What goes into a checkpoint is the ``write`` callable's business (``state.save_training_state`` for a LoKr,
+``full.FullRankTraining.save`` for full-rank). A LoKr checkpoint is written by the main process alone (every
+rank holds the same adapter); a ``collective`` one (ZeRO shards) by every process into one shared folder,
+which the main process then seals with the marker and renames into place.
+
 ``on_complete`` callables get ``(path, step)`` once a checkpoint is complete and rotation is done, e.g. to
 upload it to the run URI in the background (they run on the main process only, and must not block long).
 """
@@ -7,13 +12,14 @@ upload it to the run URI in the background (they run on the main process only, a
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.train.checkpoint import rotate, write_checkpoint
-from job.train.state import TrainingObjects, TrainState, save_training_state
+from job.train.checkpoint import rotate, seal_checkpoint, shared_staging_folder, write_checkpoint
+from job.train.state import TrainState
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -21,43 +27,55 @@ if TYPE_CHECKING:
 log = logging.getLogger("lokr")
 
 CheckpointHook = Callable[[Path, int], None]
+CheckpointWriter = Callable[[Path, TrainState], None]
 
 
 class Checkpointer:
     def __init__(
         self,
         root: Path,
-        objects: TrainingObjects,
+        write: CheckpointWriter,
         accelerator: Accelerator,
         *,
-        config_hash: str,
         total_limit: int | None,
+        collective: bool = False,
     ):
         self.root = root
-        self.objects = objects
+        self.write = write
         self.accelerator = accelerator
-        self.config_hash = config_hash
         self.total_limit = total_limit
+        self.collective = collective
         self.on_complete: list[CheckpointHook] = []
         self.last_saved_step: int | None = None
 
     def save(self, state: TrainState) -> None:
-        if self.accelerator.is_main_process:
-            started = time.perf_counter()
-            path = write_checkpoint(
-                self.root,
-                state.step,
-                lambda folder: save_training_state(
-                    folder,
-                    self.objects,
-                    state,
-                    config_hash=self.config_hash,
-                    world_size=self.accelerator.num_processes,
-                ),
-            )
+        started = time.perf_counter()
+        path = self._write_collectively(state) if self.collective else self._write_on_main(state)
+        if path is not None:
             rotate(self.root, self.total_limit)
             log.info("checkpoint %s saved in %.1f s", path.name, time.perf_counter() - started)
             for hook in self.on_complete:
                 hook(path, state.step)
         self.accelerator.wait_for_everyone()
         self.last_saved_step = state.step
+
+    def _write_on_main(self, state: TrainState) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        return write_checkpoint(self.root, state.step, lambda folder: self.write(folder, state))
+
+    def _write_collectively(self, state: TrainState) -> Path | None:
+        staging = shared_staging_folder(self.root, state.step)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # left by an attempt that died mid-write
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.write(staging, state)
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            return seal_checkpoint(self.root, state.step, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

@@ -1,4 +1,5 @@
-"""The training loop: optimizer steps of flow-matching loss on the LoKr-wrapped transformer.
+"""The training loop: optimizer steps of flow-matching loss on the LoKr-wrapped transformer
+(``LoKrTrainer``), or on every weight of the transformer (``job.train.full.FullRankTrainer``).
 
 Each step draws its σ, noise and caption-dropout decisions from a generator seeded by (seed, step, rank)
 and reads its batches by (epoch, index), so a step is a pure function of the checkpointed state: an
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -20,6 +23,7 @@ import torch
 from job.config.schema import JobConfig
 from job.train.checkpointer import Checkpointer
 from job.train.flow import draw_step, flow_loss, flow_target, noisy_latents, schedule_shift, step_generator
+from job.train.output import write_output
 from job.train.progress import StepReport, TrainProgress
 from job.train.state import TrainingObjects, TrainState
 
@@ -41,20 +45,29 @@ class BatchSource(Protocol):
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class Optimization(Protocol):
+    """What a step drives: the optimizer and the learning-rate schedule (stepped once per optimizer step)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float
     lr: float
-    grad_norm: float | None = None  # the adapter's gradient norm before clipping
+    grad_norm: float | None = None  # the trained weights' gradient norm before clipping
 
 
-class Trainer:
+class Trainer(ABC):
+    """The loop and the loss, shared by both kinds of training; subclasses apply the gradients."""
+
     def __init__(
         self,
         *,
         accelerator: Accelerator,
         transformer: torch.nn.Module,
-        objects: TrainingObjects,
+        objects: Optimization,
         data: BatchSource,
         job: JobConfig,
         input_dtype: torch.dtype,
@@ -64,17 +77,16 @@ class Trainer:
     ):
         self.accelerator = accelerator
         self.transformer = transformer
+        # What the step calls: the transformer itself, or the engine wrapping it (full-rank).
+        self.forward_module: Callable[..., Any] = transformer
         self.objects = objects
-        self.network = objects.network
         self.data = data
         self.job = job
         self.input_dtype = input_dtype
         self.checkpointer = checkpointer
         self.should_stop = should_stop
         self.log_every = log_every
-        self.multiplier = objects.lycoris.multiplier
         self.patch_size = transformer.config.patch_size
-        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
         self._null_embedding: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observer: TrainingObserver | None = None
 
@@ -121,21 +133,17 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         position = replace(state)
         loss_sum = torch.zeros((), device=self.accelerator.device)
-        for _ in range(accumulation):
+        for index in range(accumulation):
             # Read in line: a read-ahead thread contends for the GIL with the step's many small ops and
             # cost more than the read it hid (measured with scripts/bench_train.py).
             batch = self.data.batch(position.epoch, position.batch_index)
             position.advance(self.data.batches_per_epoch)
             loss = self.micro_batch_loss(batch, generator)
-            self.accelerator.backward(loss / accumulation)
+            self.backward(loss, last=index == accumulation - 1)
             loss_sum += loss.detach()
-        self._sync_gradients()
-        grad_norm = self._clip_gradients()
         lr = float(optimizer.param_groups[0]["lr"])
-        optimizer.step()
+        grad_norm = self.apply_gradients()
         self.objects.scheduler.step()
-        if self.objects.ema is not None:
-            self.objects.ema.update()
         state.step += 1
         state.epoch, state.batch_index = position.epoch, position.batch_index
         return StepResult(loss=float(loss_sum) / accumulation, lr=lr, grad_norm=grad_norm)
@@ -172,7 +180,7 @@ class Trainer:
         # As the AuraFlow pipeline does: padding positions of the text embedding are zeroed.
         embeds = embeds.to(device=device, dtype=torch.float32) * mask.to(device).unsqueeze(-1).float()
         with self.accelerator.autocast():
-            return self.transformer(
+            return self.forward_module(
                 hidden_states=noisy.to(self.input_dtype),
                 encoder_hidden_states=embeds.to(self.input_dtype),
                 # σ itself, in fp32: the time embedding scales by 1000 and casts to the model dtype itself.
@@ -180,16 +188,11 @@ class Trainer:
                 return_dict=False,
             )[0]
 
-    @torch.no_grad()
+    @abstractmethod
     def base_prediction(
         self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
     ) -> torch.Tensor:
-        """The transformer's prediction with the adapter switched off (multiplier 0)."""
-        self.network.set_multiplier(0.0)
-        try:
-            return self.predict(noisy, embeds, mask, sigmas)
-        finally:
-            self.network.set_multiplier(self.multiplier)
+        """The untrained model's prediction, the target on regularisation images."""
 
     def _captions(self, batch: Any, dropout_draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the captions the step's draws drop (per-sample probability) by the empty prompt's."""
@@ -203,6 +206,64 @@ class Trainer:
         embeds = torch.where(dropped.view(-1, 1, 1), null_embeds.to(embeds.dtype), embeds)
         mask = torch.where(dropped.view(-1, 1), null_mask.to(mask.dtype), mask)
         return embeds, mask
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Backpropagate one micro-batch's loss (``last``: the step's final micro-batch)."""
+
+    @abstractmethod
+    def apply_gradients(self) -> float | None:
+        """Apply the step's gradients; return their norm before clipping (None when not measured)."""
+
+    @abstractmethod
+    def save_output(self, output_dir: Path, *, config_hash: str, step: int) -> None:
+        """Write the trained weights to ``output/`` (called on every process; one of them writes)."""
+
+    def _checkpoint(self, state: TrainState) -> None:
+        if self.checkpointer is None or state.step == 0 or self.checkpointer.last_saved_step == state.step:
+            return
+        self.checkpointer.save(state)
+
+
+class LoKrTrainer(Trainer):
+    """Trains the LoKr adapter on the frozen (maybe quantized or offloaded) transformer."""
+
+    def __init__(self, *, objects: TrainingObjects, **kwargs: Any):
+        super().__init__(objects=objects, **kwargs)
+        self.objects: TrainingObjects = objects
+        self.network = objects.network
+        self.multiplier = objects.lycoris.multiplier
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def base_prediction(
+        self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
+        """The transformer's prediction with the adapter switched off (multiplier 0)."""
+        self.network.set_multiplier(0.0)
+        try:
+            return self.predict(noisy, embeds, mask, sigmas)
+        finally:
+            self.network.set_multiplier(self.multiplier)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        self.accelerator.backward(loss / self.job.gradient_accumulation_steps)
+
+    def apply_gradients(self) -> float | None:
+        # Average over processes, clip, step; EMA follows the new weights.
+        self._sync_gradients()
+        grad_norm = self._clip_gradients()
+        self.objects.optimizer.step()
+        if self.objects.ema is not None:
+            self.objects.ema.update()
+        return grad_norm
+
+    def save_output(self, output_dir: Path, *, config_hash: str, step: int) -> None:
+        if self.accelerator.is_main_process:
+            objects = self.objects
+            write_output(
+                output_dir, objects.network, objects.ema, objects.lycoris, config_hash=config_hash, step=step
+            )
 
     def _sync_gradients(self) -> None:
         """Average the adapter's gradients over processes (the transformer is not DDP-wrapped: it is frozen)."""
@@ -223,8 +284,3 @@ class Trainer:
         if limit:
             torch.nn.utils.clip_grad_value_(self.parameters, limit)
         return norm
-
-    def _checkpoint(self, state: TrainState) -> None:
-        if self.checkpointer is None or state.step == 0 or self.checkpointer.last_saved_step == state.step:
-            return
-        self.checkpointer.save(state)

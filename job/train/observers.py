@@ -49,6 +49,7 @@ class TrainingObserver:
         dtype: torch.dtype,
         trackers: Trackers,
         webhook: Webhook,
+        renders: bool = True,
     ) -> None:
         self.ctx = ctx
         self.job = ctx.config.job
@@ -58,6 +59,7 @@ class TrainingObserver:
         self.dtype = dtype
         self.trackers = trackers
         self.webhook = webhook
+        self.renders = renders  # False: the main process cannot run the model alone (ZeRO-3 shards)
         self.prompts = validation_prompts(ctx.config)
         self.validation_dir = ctx.workdir.output / "validation"
         self.last_validated: int | None = None
@@ -78,6 +80,7 @@ class TrainingObserver:
                 ctx.config, ctx.workdir, run_id=run_id(ctx), start_step=run.state.step
             ),
             webhook=Webhook(ctx.config.job.webhook_url, run_name=run_name(ctx)),
+            renders=run.renders,
         )
         if trainer.checkpointer is not None:
             trainer.checkpointer.on_complete.append(observer.on_checkpoint)
@@ -94,6 +97,8 @@ class TrainingObserver:
                 {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "s_per_step": seconds},
             ),
         )
+        if not self.renders:
+            return
         if self.job.eval_steps_interval and step % self.job.eval_steps_interval == 0:
             self._guarded("eval loss", lambda: self.evaluate(step))
         if self.job.validation_step_interval and step % self.job.validation_step_interval == 0:
@@ -109,9 +114,9 @@ class TrainingObserver:
                     "failure", {"step": step, "reason": "stopped early; state saved, the run will resume"}
                 )
                 return
-            if self.job.eval_steps_interval and self.last_evaluated != step:
+            if self.renders and self.job.eval_steps_interval and self.last_evaluated != step:
                 self._guarded("eval loss", lambda: self.evaluate(step))
-            if self.last_validated != step:
+            if self.renders and self.last_validated != step:
                 self._guarded("validation", lambda: self.validate(step))
             self.webhook.post("finish", {"step": step, "output": str(self.ctx.workdir.output)})
         finally:

@@ -1,19 +1,26 @@
-"""The trained adapter as SimpleTuner lays it out, and the record that makes ``train`` idempotent.
+"""What training leaves in ``output/``, as SimpleTuner lays it out, and the record that makes ``train``
+idempotent.
 
-``output/``: ``pytorch_lora_weights.safetensors`` (LyCORIS keys, the LyCORIS config in metadata key
-``lycoris_config``), ``lycoris_config.json``, ``ema/ema_model.safetensors`` with ``use_ema``, and
-``training_result.json`` (config hash, step, each file's sha256) written last. Every byte is a function of
-the weights and the config, so equal runs write equal files.
+LoKr (``model_type: lora``): ``pytorch_lora_weights.safetensors`` (LyCORIS keys, the LyCORIS config in
+metadata key ``lycoris_config``), ``lycoris_config.json``, and ``ema/ema_model.safetensors`` with ``use_ema``.
+Full-rank (``model_type: full``): ``transformer/``, the trained AuraFlow transformer as diffusers saves it
+(``config.json`` and ``diffusion_pytorch_model*.safetensors``, sharded with an index past 10 GB).
+Both: ``training_result.json`` (model type, config hash, step, each file's sha256) written last. Every byte
+is a function of the weights and the config, so equal runs write equal files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.config.schema import LycorisConfig
-from job.files import sha256_file, write_atomic
+from job.files import fsync_dir, fsync_file, sha256_file, write_atomic
 from job.model.lokr import lycoris_settings, save_adapter
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 EMA_FILE = "ema/ema_model.safetensors"
 CONFIG_FILE = "lycoris_config.json"
 RESULT_FILE = "training_result.json"
+TRANSFORMER_DIR = "transformer"
 
 
 def write_output(
@@ -53,18 +61,60 @@ def write_output(
         written.append(EMA_FILE)
     else:
         (output_dir / EMA_FILE).unlink(missing_ok=True)
+    _write_result(output_dir, "lora", written, config_hash=config_hash, step=step)
+    return output_dir / ADAPTER_FILE
+
+
+def write_full_output(
+    output_dir: Path, save_transformer: Callable[[Path], None], *, config_hash: str, step: int
+) -> Path:
+    """Write the full-rank transformer with ``save_transformer(folder)`` into a fresh folder, swap it in
+    for ``output/transformer/``, then write the result record; return the transformer folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULT_FILE).unlink(missing_ok=True)
+    final = output_dir / TRANSFORMER_DIR
+    staging = Path(tempfile.mkdtemp(prefix=f".{TRANSFORMER_DIR}-", dir=output_dir))
+    try:
+        save_transformer(staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                fsync_file(path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = sorted(p.relative_to(output_dir).as_posix() for p in final.rglob("*") if p.is_file())
+    _write_result(output_dir, "full", written, config_hash=config_hash, step=step)
+    return final
+
+
+def trained_files(output_dir: Path, model_type: str) -> list[Path]:
+    """The files that hold the trained weights (what ``publish`` needs), or [] when there are none."""
+    if model_type == "full":
+        folder = output_dir / TRANSFORMER_DIR
+        return sorted(folder.glob("*.safetensors")) if (folder / "config.json").is_file() else []
+    adapter = output_dir / ADAPTER_FILE
+    return [adapter] if adapter.is_file() else []
+
+
+def _write_result(
+    output_dir: Path, model_type: str, written: list[str], *, config_hash: str, step: int
+) -> None:
     record = {
+        "model_type": model_type,
         "config_hash": config_hash,
         "step": step,
         "files": {name: sha256_file(output_dir / name) for name in written},
     }
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     write_atomic(output_dir / RESULT_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
-    return output_dir / ADAPTER_FILE
 
 
 def is_finished(output_dir: Path, *, config_hash: str, step: int) -> bool:
-    """True when ``output_dir`` holds this config's adapter trained to ``step``, files intact."""
+    """True when ``output_dir`` holds this config's weights trained to ``step``, files intact."""
     try:
         record = json.loads((output_dir / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -72,7 +122,7 @@ def is_finished(output_dir: Path, *, config_hash: str, step: int) -> bool:
     if record.get("config_hash") != config_hash or record.get("step") != step:
         return False
     files = record.get("files", {})
-    return ADAPTER_FILE in files and all(
+    return bool(files) and all(
         (output_dir / name).is_file() and sha256_file(output_dir / name) == digest
         for name, digest in files.items()
     )

@@ -104,6 +104,11 @@ def save_training_state(
         save_file(objects.ema.state_dict(), str(folder / EMA_FILE))
     torch.save(objects.optimizer.state_dict(), folder / OPTIMIZER_FILE)
     torch.save(objects.scheduler.state_dict(), folder / SCHEDULER_FILE)
+    write_state_record(folder, state, config_hash=config_hash, world_size=world_size)
+
+
+def write_state_record(folder: Path, state: TrainState, *, config_hash: str, world_size: int) -> None:
+    """``trainer_state.json``: the position, and what the numbers depend on (recipe, processes, versions)."""
     record = {
         **asdict(state),
         "config_hash": config_hash,
@@ -113,15 +118,22 @@ def save_training_state(
     (folder / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def read_state_record(
+    folder: Path, *, config_hash: str, world_size: int
+) -> tuple[TrainState, dict[str, Any]]:
+    """The position ``trainer_state.json`` records, and the record; differences from this run are warned."""
+    record = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    _warn_on_differences(folder, record, config_hash, world_size)
+    return TrainState(step=record["step"], epoch=record["epoch"], batch_index=record["batch_index"]), record
+
+
 def load_training_state(
     folder: Path, objects: TrainingObjects, *, config_hash: str, world_size: int
 ) -> TrainState:
     """Restore every object from ``folder`` and return the position to continue from."""
     from safetensors.torch import load_file
 
-    record = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    _warn_on_differences(folder, record, config_hash, world_size)
-
+    state, _ = read_state_record(folder, config_hash=config_hash, world_size=world_size)
     adapter = load_file(str(folder / ADAPTER_FILE))
     _load_adapter(objects.network, adapter, folder)
     if objects.ema is not None:
@@ -138,7 +150,7 @@ def load_training_state(
         torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
     )
     _restore_rng(torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True))
-    return TrainState(step=record["step"], epoch=record["epoch"], batch_index=record["batch_index"])
+    return state
 
 
 def _load_adapter(network: LycorisNetwork, tensors: dict[str, torch.Tensor], folder: Path) -> None:
