@@ -35,9 +35,9 @@ _COMMANDS = {
     "check": "config (all errors at once), access, dataset census, steps, cache size and VRAM; no GPU",
     "fetch": "copy the config, datasets and base model into the work directory",
     "warm": "fill the latent and text-embedding caches on the work directory",
-    "train": "train the LoKr adapter (resumes from the newest complete checkpoint)",
-    "publish": "push the adapter, model card and images to the Hub and the run URI",
-    "infer": "generate images with the base model and a trained adapter",
+    "train": "train the LoKr adapter, or every weight (model_type full); resumes from the newest checkpoint",
+    "publish": "push the adapter (or full-rank transformer), card and images to the Hub and the run URI",
+    "infer": "generate images with the base model and a trained adapter or full-rank transformer",
     "tiny": "write a tiny random AuraFlow, a dataset and a config (the embedded default)",
 }
 

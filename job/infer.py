@@ -1,7 +1,10 @@
-"""``lokr-job infer``: images from the base model with a trained LoKr merged in.
+"""``lokr-job infer``: images from the base model with a trained LoKr merged in, or with a full-rank
+fine-tune's transformer in place of the base model's.
 
 The adapter is merged into the transformer's weights (bf16 on CUDA, fp32 on CPU) and only then, if
-asked, quantized to int8: LyCORIS cannot merge into quanto layers and silently does nothing there.
+asked, quantized to int8: LyCORIS cannot merge into quanto layers and silently does nothing there. A
+full-rank transformer (``model_type: full``, ``output/transformer/``) is loaded in the same dtype and
+replaces the base model's before the pipeline is built, so the base transformer is never loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from job.validate.prompts import safe_nickname, validation_prompts
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AuraFlowPipeline
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
 
     from job.context import JobContext
 
@@ -45,6 +48,7 @@ def infer(
     prompts: Mapping[str, str] | Sequence[str],
     out_dir: Path,
     *,
+    transformer: str | Path | None = None,
     scale: float = 1.0,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
@@ -58,13 +62,20 @@ def infer(
     """Write one PNG per prompt to ``out_dir`` and return their paths.
 
     ``adapter`` is a ``.safetensors`` file, a folder holding ``pytorch_lora_weights.safetensors``, or an
-    ``s3://``/``hf://`` URI of either; None renders the base model alone. ``prompts`` is a list, or a
-    mapping nickname → prompt that names the files. Every image starts from ``seed``.
+    ``s3://``/``hf://`` URI of either; None renders the base model alone. ``transformer``, instead of an
+    adapter, is a full-rank fine-tune that replaces the base model's transformer: its local folder
+    (``config.json`` and the weights) or the output folder holding ``transformer/``. ``scale`` is the
+    adapter's strength. ``prompts`` is a list, or a mapping nickname → prompt that names the files. Every
+    image starts from ``seed``.
     """
     import torch
 
+    if adapter is not None and transformer is not None:
+        raise ConfigError("infer: give a LoKr adapter or a full-rank transformer, not both")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = _load_pipeline(str(base_model), torch.bfloat16 if device == "cuda" else torch.float32)
+    pipeline = _load_pipeline(
+        str(base_model), torch.bfloat16 if device == "cuda" else torch.float32, transformer
+    )
     if adapter is not None:
         _merge_adapter(pipeline, adapter, scale)
     if int8:
@@ -98,7 +109,7 @@ def infer(
     return paths
 
 
-def _load_pipeline(base_model: str, dtype: torch.dtype) -> AuraFlowPipeline:
+def _load_pipeline(base_model: str, dtype: torch.dtype, transformer: str | Path | None) -> AuraFlowPipeline:
     from diffusers import AuraFlowPipeline
 
     from job.storage import is_remote
@@ -107,12 +118,45 @@ def _load_pipeline(base_model: str, dtype: torch.dtype) -> AuraFlowPipeline:
         raise ConfigError(
             f"base model {base_model!r} is a URI; give a Hub repo id (owner/name) or a local diffusers folder"
         )
+    # A component passed in is not loaded from the base model: a 6.8B transformer is not read twice.
+    components = {} if transformer is None else {"transformer": _load_transformer(str(transformer), dtype)}
     try:
-        pipeline = AuraFlowPipeline.from_pretrained(base_model, dtype=dtype)
+        pipeline = AuraFlowPipeline.from_pretrained(base_model, dtype=dtype, **components)
     except OSError as exc:
         raise ConfigError(f"cannot load an AuraFlow pipeline from {base_model!r}: {exc}") from exc
     adopt_library_loggers()
     return pipeline
+
+
+def _load_transformer(given: str, dtype: torch.dtype) -> AuraFlowTransformer2DModel:
+    from diffusers import AuraFlowTransformer2DModel
+
+    folder = _transformer_folder(given)
+    try:
+        transformer = AuraFlowTransformer2DModel.from_pretrained(folder, dtype=dtype)
+    except OSError as exc:
+        raise ConfigError(f"cannot load an AuraFlow transformer from {folder}: {exc}") from exc
+    log.info("full-rank transformer loaded from %s", folder)
+    return transformer
+
+
+def _transformer_folder(given: str) -> Path:
+    """The folder holding the transformer's ``config.json``: ``given`` or its ``transformer/``."""
+    from job.storage import is_remote
+    from job.train.output import TRANSFORMER_DIR
+
+    if is_remote(given):
+        raise ConfigError(
+            f"transformer {given!r}: give a local folder; download it first (hf download, aws s3 sync)"
+        )
+    path = Path(given.removeprefix("file://")).expanduser()
+    for folder in (path / TRANSFORMER_DIR, path):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ConfigError(
+        f"transformer {given!r}: no config.json there or in its {TRANSFORMER_DIR}/ (give the trained "
+        f"transformer's folder or the output folder holding {TRANSFORMER_DIR}/)"
+    )
 
 
 def _merge_adapter(pipeline: AuraFlowPipeline, adapter: str | Path, scale: float) -> None:
@@ -135,6 +179,7 @@ def _merge_adapter(pipeline: AuraFlowPipeline, adapter: str | Path, scale: float
 
 def _local_adapter(adapter: str, scratch: Path) -> Path:
     from job.storage import is_remote, join, storage_for
+    from job.train.output import TRANSFORMER_DIR
 
     if is_remote(adapter):
         uri = adapter if adapter.endswith(".safetensors") else join(adapter, ADAPTER_FILENAME)
@@ -143,6 +188,11 @@ def _local_adapter(adapter: str, scratch: Path) -> Path:
         return local
     path = Path(adapter.removeprefix("file://")).expanduser()
     if path.is_dir():
+        if not (path / ADAPTER_FILENAME).is_file() and (path / TRANSFORMER_DIR / "config.json").is_file():
+            raise ConfigError(
+                f"adapter {adapter!r} holds a full-rank transformer (model_type full), not a LoKr adapter: "
+                "pass it with --transformer"
+            )
         path = path / ADAPTER_FILENAME
     if not path.is_file():
         raise ConfigError(f"adapter {adapter!r}: no such file (give the .safetensors file or its folder)")
@@ -161,8 +211,14 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter",
         metavar="PATH|URI",
-        help=f"the adapter: a .safetensors file or a folder holding {ADAPTER_FILENAME}, local, s3:// or "
-        "hf:// (default with --config: <workdir>/output)",
+        help=f"the LoKr adapter: a .safetensors file or a folder holding {ADAPTER_FILENAME}, local, s3:// "
+        "or hf:// (default with a model_type lora --config: <workdir>/output)",
+    )
+    parser.add_argument(
+        "--transformer",
+        metavar="PATH",
+        help="a full-rank fine-tune instead of an adapter: the trained transformer's local folder, or the "
+        "output folder holding transformer/ (default with a model_type full --config: <workdir>/output)",
     )
     parser.add_argument(
         "--prompt",
@@ -174,14 +230,16 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", help="folder for the PNGs (default: <workdir>/output/infer, else ./infer)"
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1.0)")
+    parser.add_argument("--scale", type=float, help="LoKr adapter strength (default 1.0)")
     parser.add_argument("--steps", type=int, metavar="N", help=f"inference steps (default {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, help=f"guidance scale (default {DEFAULT_GUIDANCE})")
     parser.add_argument("--width", type=int, help=f"image width, a multiple of 16 (default {DEFAULT_SIZE})")
     parser.add_argument("--height", type=int, help=f"image height, a multiple of 16 (default {DEFAULT_SIZE})")
     parser.add_argument("--seed", type=int, help=f"seed for every image (default {DEFAULT_SEED})")
     parser.add_argument(
-        "--int8", action="store_true", help="quantize the merged transformer to int8 (optimum-quanto)"
+        "--int8",
+        action="store_true",
+        help="quantize the transformer to int8, after merging an adapter (optimum-quanto)",
     )
     parser.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (default: none)")
     parser.add_argument(
@@ -197,9 +255,7 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     base_model = args.base_model or (_fetched_model(ctx) if ctx is not None else None)
     if not base_model:
         raise ConfigError("infer: pass --base-model (a Hub repo id or local folder) or --config")
-    adapter = args.adapter or (ctx.workdir.output if ctx is not None else None)
-    if adapter is None:
-        raise ConfigError("infer: pass --adapter (the trained .safetensors file or its folder) or --config")
+    adapter, transformer = _trained_weights(args, ctx)
     prompts: Mapping[str, str] | Sequence[str] = args.prompts or (
         validation_prompts(ctx.config) if ctx else []
     )
@@ -212,7 +268,8 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
         adapter,
         prompts,
         out,
-        scale=args.scale,
+        transformer=transformer,
+        scale=_first(args.scale, 1.0),
         steps=_first(args.steps, job.validation_num_inference_steps if job else DEFAULT_STEPS),
         guidance=_first(args.guidance, job.validation_guidance if job else DEFAULT_GUIDANCE),
         width=_first(args.width, size[0]),
@@ -225,6 +282,31 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     for path in paths:
         print(path)
     return paths
+
+
+def _trained_weights(
+    args: argparse.Namespace, ctx: JobContext | None
+) -> tuple[str | Path | None, str | Path | None]:
+    """(adapter, transformer), one of them set: the command line's, else the config's output folder."""
+    output = ctx.workdir.output if ctx is not None else None
+    full_config = ctx is not None and ctx.config.job.model_type == "full"
+    if args.transformer is None and not full_config:
+        adapter = args.adapter or output
+        if adapter is None:
+            raise ConfigError(
+                "infer: pass --adapter (the trained .safetensors file or its folder), --transformer (a "
+                "full-rank fine-tune) or --config"
+            )
+        return adapter, None
+    # Full-rank: options that only shape a LoKr merge would be silently ignored, so refuse them.
+    if args.adapter is not None:
+        raise ConfigError(
+            "infer: --adapter takes a LoKr adapter (model_type lora); a full-rank fine-tune is a whole "
+            "transformer: pass its folder with --transformer (default with --config: <workdir>/output)"
+        )
+    if args.scale is not None:
+        raise ConfigError("infer: --scale is a LoKr adapter's strength; a full-rank fine-tune has none")
+    return None, args.transformer or output
 
 
 def _fetched_model(ctx: JobContext) -> str:

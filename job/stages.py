@@ -46,9 +46,9 @@ def train(ctx: JobContext) -> None:
 
 
 def publish(ctx: JobContext) -> None:
-    from job.publish.run import publish_adapter
+    from job.publish.run import publish_output
 
-    distributed.once(lambda: publish_adapter(ctx))
+    distributed.once(lambda: publish_output(ctx))
 
 
 def run(ctx: JobContext) -> None:

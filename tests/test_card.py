@@ -2,17 +2,14 @@
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from model_cards import card_render_settings, front_matter, run_python_block
 from PIL import Image
 
 from job.config.loader import ResolvedConfig, load_config
@@ -51,20 +48,9 @@ def adapter(cfg: ResolvedConfig, tmp_path_factory: pytest.TempPathFactory) -> It
     yield path
 
 
-def _front_matter(card: str) -> dict:
-    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
-    assert match, "the card must start with YAML front matter"
-    return yaml.safe_load(match.group(1))
-
-
-def _python_block(card: str) -> str:
-    (block,) = re.findall(r"```python\n(.*?)```", card, re.DOTALL)
-    return block
-
-
 def test_front_matter_for_the_hub(cfg: ResolvedConfig) -> None:
     card = model_card(cfg, base_model="terminusresearch/auraflow-v0.3", validation_images=IMAGES, step=24)
-    meta = _front_matter(card)
+    meta = front_matter(card)
     assert meta["base_model"] == "terminusresearch/auraflow-v0.3"
     assert (meta["library_name"], meta["license"], meta["pipeline_tag"]) == (
         "diffusers",
@@ -88,12 +74,12 @@ def test_front_matter_for_the_hub(cfg: ResolvedConfig) -> None:
     ],
 )
 def test_license_follows_the_base_model(cfg: ResolvedConfig, base_model: str, license_fields: dict) -> None:
-    meta = _front_matter(model_card(cfg, base_model=base_model, validation_images=[], step=1))
+    meta = front_matter(model_card(cfg, base_model=base_model, validation_images=[], step=1))
     assert {k: meta.get(k) for k in license_fields} == license_fields
 
 
 def test_a_local_base_model_is_not_claimed_as_a_hub_repo(cfg: ResolvedConfig) -> None:
-    meta = _front_matter(model_card(cfg, base_model=cfg.job.model_source, validation_images=[], step=1))
+    meta = front_matter(model_card(cfg, base_model=cfg.job.model_source, validation_images=[], step=1))
     assert "base_model" not in meta and meta["license"] == "other"
 
 
@@ -103,7 +89,7 @@ def test_trigger_settings_and_lycoris_config(cfg: ResolvedConfig) -> None:
     )
     with_subject = dataclasses.replace(cfg, datasets=[subject])
     card = model_card(with_subject, base_model="fal/AuraFlow-v0.2", validation_images=IMAGES, step=24)
-    assert _front_matter(card)["instance_prompt"] == "sks shape"
+    assert front_matter(card)["instance_prompt"] == "sks shape"
     assert "`sks shape`" in card
     for row in ("| Steps | 24 (24 planned) |", "| Learning rate | 0.001 |", "| Optimizer | adamw |"):
         assert row in card
@@ -135,34 +121,13 @@ def test_no_secrets_in_the_card(tiny_job: Path, monkeypatch: pytest.MonkeyPatch)
 def test_the_python_block_runs_against_local_files(
     cfg: ResolvedConfig, adapter: Path, tmp_path: Path
 ) -> None:
-    code = _python_block(
-        model_card(cfg, base_model="terminusresearch/auraflow-v0.3", validation_images=IMAGES, step=24)
-    )
+    card = model_card(cfg, base_model="terminusresearch/auraflow-v0.3", validation_images=IMAGES, step=24)
     model = Path(cfg.job.model_source)
-    # The documented substitution: the BASE_MODEL and ADAPTER_FILE lines name local copies.
-    code, bases = re.subn(r"^BASE_MODEL = .*$", f"BASE_MODEL = {str(model)!r}", code, flags=re.MULTILINE)
-    code, adapters = re.subn(
-        r"^ADAPTER_FILE = .*$", f"ADAPTER_FILE = {str(adapter)!r}", code, flags=re.MULTILINE
-    )
-    assert (bases, adapters) == (1, 1)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "card.py").write_text(code)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(
-        [sys.executable, "card.py"], cwd=tmp_path / "run", env=env, check=True, capture_output=True
-    )
-    produced = np.asarray(Image.open(tmp_path / "run" / "output.png"))
+    constants = {"BASE_MODEL": str(model), "ADAPTER_FILE": str(adapter)}
+    produced = run_python_block(card, constants, tmp_path / "run")
 
     # The same image as lokr-job infer gives with the card's settings, and not the base model's.
-    settings = {
-        "steps": cfg.job.validation_num_inference_steps,
-        "guidance": cfg.job.validation_guidance,
-        "width": 64,
-        "height": 64,
-        "seed": cfg.job.validation_seed,
-        "negative_prompt": cfg.job.validation_negative_prompt,
-        "max_sequence_length": cfg.job.max_token_length,
-    }
+    settings = card_render_settings(cfg)
     prompts = [cfg.job.validation_prompt]
     (expected,) = infer(model, adapter, prompts, tmp_path / "infer", **settings)
     (base,) = infer(model, None, prompts, tmp_path / "base", **settings)

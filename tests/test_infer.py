@@ -1,6 +1,8 @@
-"""``lokr-job infer`` on the tiny model: the adapter changes images, seeds repeat, int8 merges first."""
+"""``lokr-job infer`` on the tiny model: the adapter changes images, seeds repeat, int8 merges first; a
+full-rank fine-tune's transformer replaces the base model's, and LoKr-only options are refused with it."""
 
 import argparse
+import json
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from job.context import JobContext
 from job.errors import ConfigError
 from job.infer import add_infer_arguments, infer, run_infer
 from job.model.lokr import attach_lokr, reset_lycoris_preset, save_adapter
+from job.model.tiny import build_transformer
 from job.workdir import WorkDir
 
 PROMPT = "a red circle on blue"
@@ -43,6 +46,24 @@ def adapter(tiny_job: Path, model: Path, tmp_path_factory: pytest.TempPathFactor
     save_adapter(network, path, cfg.lycoris)
     reset_lycoris_preset()
     yield path
+
+
+@pytest.fixture(scope="module")
+def full_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``output/`` of a full-rank run: a tiny transformer with weights of its own, as diffusers saves it."""
+    output = tmp_path_factory.mktemp("full") / "output"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(99)
+        build_transformer().save_pretrained(output / "transformer", safe_serialization=True)
+    return output
+
+
+@pytest.fixture(scope="module")
+def full_config(tiny_job: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides that make the tiny job full-rank (which requires a DeepSpeed config)."""
+    deepspeed = tmp_path_factory.mktemp("deepspeed") / "ds_config.json"
+    deepspeed.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    return ["model_type=full", f"deepspeed_config={deepspeed}"]
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -126,3 +147,71 @@ def test_run_infer_takes_the_rest_from_the_config(tiny_job: Path, adapter: Path,
 def test_run_infer_without_config_needs_a_base_model() -> None:
     with pytest.raises(ConfigError, match="--base-model"):
         run_infer(_parser().parse_args(["--adapter", "x", "--prompt", "p"]), None)
+
+
+def test_a_full_rank_transformer_replaces_the_base_models(
+    model: Path, full_output: Path, tmp_path: Path
+) -> None:
+    (trained,) = infer(model, None, [PROMPT], tmp_path / "full", transformer=full_output, **FAST)
+    (folder,) = infer(
+        model, None, [PROMPT], tmp_path / "folder", transformer=full_output / "transformer", **FAST
+    )
+    (base,) = infer(model, None, [PROMPT], tmp_path / "base", **FAST)
+    assert Image.open(trained).size == (64, 64)
+    assert trained.read_bytes() == folder.read_bytes()  # the output folder or its transformer/
+    assert np.abs(_pixels(trained) - _pixels(base)).mean() > 0.1
+
+
+def test_run_infer_with_a_full_config_renders_its_transformer(
+    tiny_job: Path, model: Path, full_output: Path, full_config: list[str], tmp_path: Path
+) -> None:
+    workdir = WorkDir(tmp_path / "work")
+    shutil.copytree(full_output, workdir.output)
+    cfg = load_config(tiny_job, full_config)
+    argv = shlex.split(f"--prompt '{PROMPT}' --steps 2 --seed 3 --guidance 3.5 --negative-prompt ''")
+    (path,) = run_infer(_parser().parse_args(argv), JobContext(config=cfg, workdir=workdir))
+    assert path.parent == workdir.output / "infer"
+
+    settings = {**FAST, "guidance": 3.5, "max_sequence_length": cfg.job.max_token_length}
+    (trained,) = infer(model, None, [PROMPT], tmp_path / "full", transformer=full_output, **settings)
+    (base,) = infer(model, None, [PROMPT], tmp_path / "base", **settings)
+    assert path.read_bytes() == trained.read_bytes()
+    assert np.abs(_pixels(path) - _pixels(base)).mean() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--adapter", "out/pytorch_lora_weights.safetensors"], "--adapter takes a LoKr adapter"),
+        (["--scale", "0.5"], "--scale is a LoKr adapter's strength"),
+    ],
+)
+def test_lokr_options_are_refused_with_a_full_config(
+    tiny_job: Path, full_config: list[str], tmp_path: Path, argv: list[str], error: str
+) -> None:
+    ctx = JobContext(config=load_config(tiny_job, full_config), workdir=WorkDir(tmp_path / "work"))
+    with pytest.raises(ConfigError, match=error):
+        run_infer(_parser().parse_args([*argv, "--prompt", PROMPT]), ctx)
+
+
+def test_transformer_and_adapter_together_are_refused(model: Path, full_output: Path, adapter: Path) -> None:
+    argv = ["--base-model", str(model), "--transformer", str(full_output), "--adapter", str(adapter)]
+    with pytest.raises(ConfigError, match="--adapter takes a LoKr adapter"):
+        run_infer(_parser().parse_args([*argv, "--prompt", PROMPT]), None)
+
+
+def test_a_full_output_given_as_adapter_points_at_transformer(
+    model: Path, full_output: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"holds a full-rank transformer.*--transformer"):
+        infer(model, full_output, [PROMPT], tmp_path, **FAST)
+
+
+def test_a_full_config_without_a_trained_transformer_is_a_config_error(
+    tiny_job: Path, full_config: list[str], tmp_path: Path
+) -> None:
+    workdir = WorkDir(tmp_path / "work")
+    workdir.output.mkdir(parents=True)
+    ctx = JobContext(config=load_config(tiny_job, full_config), workdir=workdir)
+    with pytest.raises(ConfigError, match=r"no config\.json there or in its transformer/"):
+        run_infer(_parser().parse_args(["--prompt", PROMPT]), ctx)

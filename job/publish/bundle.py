@@ -1,8 +1,10 @@
-"""The adapter's Hub repo contents, laid out in a folder so that one commit uploads them all.
+"""The trained model's Hub repo contents, laid out in a folder so that one commit uploads them all.
 
-From ``output/`` (``job.train.output`` names its files): the adapter, ``lycoris_config.json``, the EMA
-adapter when there is one, and the validation images of the latest step only, at the paths the model
-card (``README.md``, written here) shows them from: ``validation/step-<N>/<nickname>.png``.
+From ``output/`` (``job.train.output`` names its files): for a LoKr (``model_type: lora``) the adapter,
+``lycoris_config.json`` and the EMA adapter when there is one; for a full-rank fine-tune (``model_type:
+full``) every file of ``transformer/``, at ``transformer/`` so diffusers loads it with
+``subfolder="transformer"``. Then, for both, the validation images of the latest step only, at the paths
+the model card (``README.md``, written here) shows them from: ``validation/step-<N>/<nickname>.png``.
 """
 
 from __future__ import annotations
@@ -18,32 +20,32 @@ from job.errors import ConfigError
 from job.files import write_bytes_atomic
 from job.model.source import hub_base_model
 from job.publish.card import model_card
-from job.train.output import ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE
+from job.train.output import ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE, TRANSFORMER_DIR, trained_files
 from job.validate.prompts import validation_prompts
 
 VALIDATION_DIR = "validation"
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-def require_adapter(output: Path) -> Path:
-    adapter = output / ADAPTER_FILE
-    if not adapter.is_file():
-        raise ConfigError(f"nothing to publish: {adapter} does not exist; run lokr-job train first")
-    return adapter
+def require_trained(output: Path, model_type: str) -> None:
+    """ConfigError naming what is missing unless ``output`` holds trained weights (``trained_files``)."""
+    if trained_files(output, model_type):
+        return
+    missing = (
+        f"{output / TRANSFORMER_DIR} holds no trained transformer (config.json and its .safetensors)"
+        if model_type == "full"
+        else f"{output / ADAPTER_FILE} does not exist"
+    )
+    raise ConfigError(f"nothing to publish: {missing}; run lokr-job train first")
 
 
 def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[str]:
     """Lay out the repo's files under ``dest`` (hard links where possible); return their repo paths."""
-    _place(require_adapter(output), dest / ADAPTER_FILE)
-    if (output / CONFIG_FILE).is_file():
-        _place(output / CONFIG_FILE, dest / CONFIG_FILE)
-    elif cfg.lycoris is not None:
-        from job.model.lokr import lycoris_settings
-
-        settings = json.dumps(lycoris_settings(cfg.lycoris), indent=4) + "\n"
-        write_bytes_atomic(dest / CONFIG_FILE, settings.encode("utf-8"))
-    if (output / EMA_FILE).is_file():
-        _place(output / EMA_FILE, dest / EMA_FILE)
+    require_trained(output, cfg.job.model_type)
+    if cfg.job.model_type == "full":
+        _place_transformer(output, dest)
+    else:
+        _place_adapter(cfg, output, dest)
     images = latest_validation_images(cfg, output)
     for _, _, path in images:
         _place(output / path, dest / path)
@@ -54,8 +56,29 @@ def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[s
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
 
 
+def _place_adapter(cfg: ResolvedConfig, output: Path, dest: Path) -> None:
+    _place(output / ADAPTER_FILE, dest / ADAPTER_FILE)
+    if (output / CONFIG_FILE).is_file():
+        _place(output / CONFIG_FILE, dest / CONFIG_FILE)
+    elif cfg.lycoris is not None:
+        from job.model.lokr import lycoris_settings
+
+        settings = json.dumps(lycoris_settings(cfg.lycoris), indent=4) + "\n"
+        write_bytes_atomic(dest / CONFIG_FILE, settings.encode("utf-8"))
+    if (output / EMA_FILE).is_file():
+        _place(output / EMA_FILE, dest / EMA_FILE)
+
+
+def _place_transformer(output: Path, dest: Path) -> None:
+    # Every file, not only the weights: config.json, and the shard index when the weights are sharded.
+    folder = output / TRANSFORMER_DIR
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _place(path, dest / TRANSFORMER_DIR / path.relative_to(folder))
+
+
 def trained_step(cfg: ResolvedConfig, output: Path) -> int:
-    """The step the adapter was written at (training's result record), else the configured step count."""
+    """The step the weights were written at (training's result record), else the configured step count."""
     try:
         return int(json.loads((output / RESULT_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,9 +1,12 @@
-"""The adapter's model card (README.md): Hub front matter, what was trained and how, and code that runs.
+"""The model card (README.md) of a LoKr adapter or a full-rank fine-tune: Hub front matter, what was
+trained and how, and code that runs.
 
 The card's ``python`` block begins with one constant per line (``BASE_MODEL = ...``, ``ADAPTER_FILE =
-...``, ``PROMPT = ...``); everything after them only reads them. To run the block without the Hub (as
-the tests do, or a user holding local copies), replace the ``BASE_MODEL =`` line with a local model
-folder and the ``ADAPTER_FILE =`` line (an ``hf_hub_download``) with a local adapter path.
+...`` or ``MODEL_REPO = ...``, ``PROMPT = ...``); everything after them only reads them. To run the block
+without the Hub (as the tests do, or a user holding local copies), replace the ``BASE_MODEL =`` line with
+a local model folder, and for a LoKr the ``ADAPTER_FILE =`` line (an ``hf_hub_download``) with a local
+adapter path, for a full-rank fine-tune the ``MODEL_REPO =`` line with a local folder holding
+``transformer/``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 
 ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
 TAGS = ["lycoris", "lokr", "auraflow", "text-to-image", "diffusers"]
+FULL_TAGS = ["auraflow", "text-to-image", "diffusers", "full-finetune"]
 # Licences of the flavours' base models, from their Hub pages. Pony v7 has its own licence, which the
 # Hub records as "other" with a link.
 BASE_LICENSES = {
@@ -32,16 +36,28 @@ BASE_LICENSES = {
 }
 _HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-_INFERENCE_CODE = """\
+# The python block: a head (imports, then the model constants), the shared settings, a loader, the render.
+_LOKR_HEAD = """\
 import torch
 from diffusers import AuraFlowPipeline
 from huggingface_hub import hf_hub_download
 from lycoris import create_lycoris_from_weights
 
 BASE_MODEL = {base_model!r}
-ADAPTER_REPO = {adapter_repo!r}
+ADAPTER_REPO = {model_repo!r}
 ADAPTER_FILE = hf_hub_download(ADAPTER_REPO, {adapter_filename!r})
 LORA_SCALE = 1.0
+"""
+
+_FULL_HEAD = """\
+import torch
+from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+BASE_MODEL = {base_model!r}
+MODEL_REPO = {model_repo!r}
+"""
+
+_SETTINGS = """\
 QUANTIZE_INT8 = False  # True: int8 transformer weights (optimum-quanto), about half the memory
 PROMPT = {prompt!r}
 NEGATIVE_PROMPT = {negative_prompt!r}
@@ -53,6 +69,9 @@ SEED = {seed}
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
+"""
+
+_LOKR_LOAD = """\
 pipeline = AuraFlowPipeline.from_pretrained(BASE_MODEL, dtype=dtype)
 
 # Merge the LoKr into the transformer's weights. merge_to() applies its own argument as the scale and
@@ -65,6 +84,20 @@ if QUANTIZE_INT8:
 
     quantize(pipeline.transformer, weights=qint8)
     freeze(pipeline.transformer)
+"""
+
+_FULL_LOAD = """
+# Only the transformer was fine-tuned; the text encoder, VAE and scheduler are the base model's.
+transformer = AuraFlowTransformer2DModel.from_pretrained(MODEL_REPO, subfolder="transformer", dtype=dtype)
+pipeline = AuraFlowPipeline.from_pretrained(BASE_MODEL, transformer=transformer, dtype=dtype)
+if QUANTIZE_INT8:
+    from optimum.quanto import freeze, qint8, quantize
+
+    quantize(pipeline.transformer, weights=qint8)
+    freeze(pipeline.transformer)
+"""
+
+_RENDER = """\
 pipeline.to(device)
 
 image = pipeline(
@@ -88,25 +121,25 @@ def model_card(
     validation_images: Sequence[tuple[str, str, str]],
     step: int,
 ) -> str:
-    """README.md for the adapter trained for ``step`` steps.
+    """README.md for the model trained for ``step`` steps: a LoKr adapter, or with ``model_type: full`` the
+    fine-tuned transformer.
 
     ``base_model`` should be a Hub repo id (it becomes the card's ``base_model`` and the code's
     ``BASE_MODEL``); ``validation_images`` are (nickname, prompt, path relative to the repo root), the
     last validation's, shown in the Hub widget and the card. Credentials are masked in the result.
     """
     subject = instance_prompt(cfg)
+    full = cfg.job.model_type == "full"
     sections = [
         _front_matter(cfg, base_model, subject, validation_images),
-        f"# {_title(cfg)}\n\n"
-        f"A LyCORIS LoKr adapter for [{base_model}]({_model_link(base_model)}), "
-        f"trained for {step} steps with lokr-job.",
+        f"# {_title(cfg)}\n\n{_summary(base_model, step, full=full)}",
         _trigger_section(subject),
         _gallery_section(validation_images),
         _settings_section(cfg, step),
-        "## LyCORIS config\n\n```json\n" + json.dumps(_lycoris_settings(cfg), indent=2) + "\n```",
+        "" if full else _lycoris_section(cfg),
         "## Inference\n\n"
-        "Runs with `pip install diffusers transformers lycoris-lora optimum-quanto accelerate`. For a "
-        "private repo, log in first (`hf auth login`) or set `HF_TOKEN`.\n\n"
+        f"Runs with `pip install {_requirements(full)}`. For a private repo, log in first "
+        "(`hf auth login`) or set `HF_TOKEN`.\n\n"
         "```python\n" + _inference_code(cfg, base_model, subject) + "```",
     ]
     text = "\n\n".join(s for s in sections if s) + "\n"
@@ -118,7 +151,8 @@ def _front_matter(
 ) -> str:
     from huggingface_hub import ModelCardData
 
-    fields: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": TAGS}
+    tags = FULL_TAGS if cfg.job.model_type == "full" else TAGS
+    fields: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags}
     if _is_hub_repo(base_model):
         fields["base_model"] = base_model
     fields.update(_license(base_model))
@@ -150,7 +184,24 @@ def _model_link(base_model: str) -> str:
 
 
 def _title(cfg: ResolvedConfig) -> str:
-    return cfg.job.hub_model_id.rpartition("/")[2] if cfg.job.hub_model_id else "AuraFlow LoKr adapter"
+    if cfg.job.hub_model_id:
+        return cfg.job.hub_model_id.rpartition("/")[2]
+    return "AuraFlow full fine-tune" if cfg.job.model_type == "full" else "AuraFlow LoKr adapter"
+
+
+def _summary(base_model: str, step: int, *, full: bool) -> str:
+    base = f"[{base_model}]({_model_link(base_model)})"
+    if full:
+        return (
+            f"A full fine-tune of the AuraFlow transformer of {base} (every weight trained, not an adapter), "
+            f"trained for {step} steps with lokr-job. This repo holds the transformer (`transformer/`); the "
+            "text encoder, VAE and scheduler are the base model's."
+        )
+    return f"A LyCORIS LoKr adapter for {base}, trained for {step} steps with lokr-job."
+
+
+def _requirements(full: bool) -> str:
+    return "diffusers transformers " + ("" if full else "lycoris-lora ") + "optimum-quanto accelerate"
 
 
 def _trigger_section(subject: str | None) -> str:
@@ -194,18 +245,25 @@ def _settings_section(cfg: ResolvedConfig, step: int) -> str:
     return f"## Training\n\n| setting | value |\n|---|---|\n{table}\n\nDatasets:\n\n{datasets}"
 
 
-def _lycoris_settings(cfg: ResolvedConfig) -> dict[str, Any]:
+def _lycoris_section(cfg: ResolvedConfig) -> str:
     from job.model.lokr import lycoris_settings
 
-    return lycoris_settings(cfg.lycoris) if cfg.lycoris is not None else {}
+    settings = lycoris_settings(cfg.lycoris) if cfg.lycoris is not None else {}
+    return "## LyCORIS config\n\n```json\n" + json.dumps(settings, indent=2) + "\n```"
 
 
 def _inference_code(cfg: ResolvedConfig, base_model: str, subject: str | None) -> str:
     job = cfg.job
     width, height = job.validation_sizes[0]
-    return _INFERENCE_CODE.format(
+    if job.model_type == "full":
+        template = _FULL_HEAD + _SETTINGS + _FULL_LOAD + _RENDER
+        placeholder = "your-name/your-auraflow-finetune"
+    else:
+        template = _LOKR_HEAD + _SETTINGS + _LOKR_LOAD + _RENDER
+        placeholder = "your-name/your-adapter"
+    return template.format(
         base_model=base_model,
-        adapter_repo=job.hub_model_id or "your-name/your-adapter",
+        model_repo=job.hub_model_id or placeholder,
         adapter_filename=ADAPTER_FILENAME,
         prompt=job.validation_prompt or subject or "a photo",
         negative_prompt=job.validation_negative_prompt,

@@ -1,8 +1,9 @@
-"""``lokr-job publish``: the finished adapter to the run URI (``<run_uri>/output/``) and the Hub.
+"""``lokr-job publish``: the finished model to the run URI (``<run_uri>/output/``) and the Hub.
 
-The run URI copy goes first, so once it is done the adapter survives the machine whatever the Hub does.
-The Hub push is one commit (adapter, LyCORIS config, model card, latest validation images, EMA adapter);
-when it keeps failing the stage exits 75 and a rerun of ``lokr-job publish`` finishes it, no retraining.
+The run URI copy goes first, so once it is done the trained weights survive the machine whatever the Hub
+does. The Hub push is one commit (the LoKr adapter, its LyCORIS config and EMA adapter, or the full-rank
+``transformer/``; the model card; the latest validation images); when it keeps failing the stage exits 75
+and a rerun of ``lokr-job publish`` finishes it, no retraining.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ from pathlib import Path
 from job.config.loader import ResolvedConfig
 from job.context import JobContext
 from job.errors import ConfigError, TransientError
-from job.publish.bundle import assemble_hub_folder, require_adapter, trained_step
+from job.publish.bundle import assemble_hub_folder, require_trained, trained_step
 from job.storage import join, storage_for
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
 
+# What each model_type leaves in output/, as logs and commit messages name it.
+_TRAINED = {"lora": "LoKr adapter", "full": "full-rank transformer"}
 
-def publish_adapter(ctx: JobContext) -> None:
+
+def publish_output(ctx: JobContext) -> None:
     job, output = ctx.config.job, ctx.workdir.output
+    trained = _TRAINED[job.model_type]
     if not job.push_to_hub and not ctx.run_uri:
         log.info(
-            "publish: push_to_hub is off and no run URI is set; nothing to publish (adapter in %s)", output
+            "publish: push_to_hub is off and no run URI is set; nothing to publish (the %s is in %s)",
+            trained,
+            output,
         )
         return
-    require_adapter(output)
+    require_trained(output, job.model_type)
     if ctx.run_uri:
         target = join(ctx.run_uri, "output")
         report = storage_for(target).upload_folder(
@@ -41,14 +48,14 @@ def publish_adapter(ctx: JobContext) -> None:
         except TransientError as exc:
             safe = f"{output}" + (f" and {join(ctx.run_uri, 'output')}" if ctx.run_uri else "")
             raise TransientError(
-                f"{exc.message}. The adapter is safe in {safe}; run lokr-job publish again to finish"
+                f"{exc.message}. The {trained} is safe in {safe}; run lokr-job publish again to finish"
             ) from exc
-        log.info("publish: adapter pushed to %s", url)
+        log.info("publish: %s pushed to %s", trained, url)
 
 
 def push_to_hub(cfg: ResolvedConfig, workdir: WorkDir) -> str:
-    """Create ``hub_model_id`` if needed (private unless ``hub_private`` is false) and upload the adapter's
-    files in one commit; return the repo's ``hf://`` URI."""
+    """Create ``hub_model_id`` if needed (private unless ``hub_private`` is false) and upload the trained
+    model's files in one commit; return the repo's ``hf://`` URI."""
     from job.storage.hub import HubStorage
 
     repo_id = cfg.job.hub_model_id or ""
@@ -56,11 +63,12 @@ def push_to_hub(cfg: ResolvedConfig, workdir: WorkDir) -> str:
         raise ConfigError(f"hub_model_id {repo_id!r}: write it as owner/name (e.g. you/auraflow-lokr)")
     repo = f"hf://{repo_id}"
     step = trained_step(cfg, workdir.output)
+    message = f"lokr-job: {_TRAINED[cfg.job.model_type]} at step {step}"
     # Staged beside the output (same filesystem), so the files are hard links, not copies.
     with tempfile.TemporaryDirectory(dir=workdir.root, prefix=".publish-") as staging:
         files = assemble_hub_folder(cfg, workdir.output, Path(staging))
         HubStorage(private=cfg.job.hub_private).upload_folder(
-            staging, repo, commit_message=f"lokr-job: LoKr adapter at step {step}", progress=True
+            staging, repo, commit_message=message, progress=True
         )
     log.info("publish: %s ← %s", repo, ", ".join(files))
     return repo
