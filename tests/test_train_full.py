@@ -17,6 +17,10 @@ from job.config.loader import load_config
 from job.errors import ConfigError, ExitCode
 from job.train.checkpoint import list_checkpoints, verify
 from job.train.output import RESULT_FILE, TRANSFORMER_DIR
+from job.train.remote import remote_checkpoints
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import chaos
 
 # DeepSpeed is the optional deepspeed extra (in the dev extra, so CI has it).
 needs_deepspeed = pytest.mark.skipif(
@@ -126,27 +130,23 @@ def test_a_finished_full_rank_run_is_not_redone(zero2):
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_the_same(zero2, job_dir):
-    workdir = job_dir.parent / "C"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "job", "run", "--config", str(zero2["config"]), "--workdir", str(workdir)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**environment(), "LOKR_GRACE_SECONDS": "120"},
-    )
-    assert process.stderr is not None
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "first step done" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    seen += process.stderr.readlines()
-    assert process.wait(timeout=300) == ExitCode.TRANSIENT, "".join(seen)[-3000:]
-    saved = list_checkpoints(workdir / "checkpoints")
-    assert saved and all(verify(path) is None for _, path in saved)
-    lokr_job("run", "--config", str(zero2["config"]), "--workdir", str(workdir))
-    assert (workdir / "output" / WEIGHTS).read_bytes() == (zero2["A"] / "output" / WEIGHTS).read_bytes()
+def test_a_preempted_run_continues_on_a_fresh_machine_from_the_run_uri(zero2, job_dir, s3):
+    """SIGTERM mid-run: exit 75 with a checkpoint uploaded; a new machine (empty work directory) takes the
+    checkpoint from the run URI and ends with the uninterrupted run's bytes."""
+    env, run_uri = chaos.job_env(), s3.uri("run")
+    kill = chaos.Kill(signal.SIGTERM, "step", chaos._STEP, occurrence=4, delay=0.0)
+    first = chaos.job_command(zero2["config"], job_dir.parent / "first", run_uri, overrides=())
+    stopped = chaos.run_attempt(first, env, kill)
+    assert stopped.killed and stopped.returncode == ExitCode.TRANSIENT, stopped.log[-3000:]
+    assert stopped.last_step is not None and stopped.last_step >= 4
+    assert remote_checkpoints(run_uri).get(stopped.last_step) is True
+
+    second = chaos.job_command(zero2["config"], job_dir.parent / "second", run_uri, overrides=())
+    resumed = chaos.run_attempt(second, env, None)
+    assert resumed.returncode == 0, resumed.log[-3000:]
+    assert resumed.resumed_from == stopped.last_step
+    produced = (job_dir.parent / "second" / "output" / WEIGHTS).read_bytes()
+    assert produced == (zero2["A"] / "output" / WEIGHTS).read_bytes()
 
 
 @pytest.mark.slow
