@@ -252,3 +252,21 @@ def test_check_names_a_missing_deepspeed_before_training(job_dir, monkeypatch, t
     ctx = open_context(str(full_rank_config(job_dir, ZERO_2, "absent")), tmp_path / "work", None, [])
     problems = [text for code, text in build_report(ctx).problems if code == ExitCode.BAD_CONFIG]
     assert any("lokr-job[deepspeed]" in text for text in problems), problems
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_processes_that_do_not_share_the_work_directory_are_refused(job_dir):
+    """Two machines, each with its own work directory, stand-in: each rank gets a work directory of its own
+    (both warmed beforehand). ZeRO shards of both ranks must land in one checkpoint folder, so the job
+    refuses at the start instead of writing checkpoints no machine holds whole."""
+    config = full_rank_config(job_dir, ZERO_2, "apart")
+    for rank in (0, 1):
+        lokr_job("warm", "--config", str(config), "--workdir", str(job_dir.parent / f"apart-{rank}"))
+    per_rank = f'exec "$0" -m job train --config {config} --workdir {job_dir.parent}/apart-"$LOCAL_RANK"'
+    command = [sys.executable, str(LAUNCH), "--standalone", "--nproc-per-node", "2", "--no-python",
+               "sh", "-c", per_rank, sys.executable]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=600)
+    assert result.returncode == ExitCode.BAD_CONFIG, result.stderr[-4000:]
+    assert "some processes do not see the folder rank 0 writes" in result.stderr
+    assert not list_checkpoints(job_dir.parent / "apart-0" / "checkpoints")
