@@ -28,7 +28,6 @@ FLOPs per step (the base model's work; LoKr's own is overhead, and shows in the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -37,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from typing import Any
 import torch
 
 from job.model.architecture import AURAFLOW_TRANSFORMER
+from job.model.tiny import default_dtype
 
 VAE_DOWNSAMPLE = 8
 PRECISIONS = ("bf16", "int8-quanto")
@@ -161,16 +160,6 @@ def bf16_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> 
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return 2.0 * n**3 / statistics.median(times)
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_transformer(device: torch.device, config: dict[str, Any]) -> torch.nn.Module:

@@ -1,9 +1,12 @@
 """Fixtures shared across the suite."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from job.model.lokr import reset_lycoris_preset
 from job.tiny import write_tiny_job
 
 # The real S3 (moto) and Hub-protocol servers, with fault injection: fixtures `s3`, `hub`, `moto_server`.
@@ -16,3 +19,20 @@ SEED_CONFIG = Path(__file__).parent / "fixtures" / "seed" / "config"
 def tiny_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default (model, data, config), built once; returns its config.json. Read-only."""
     return write_tiny_job(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def fresh_lycoris_preset() -> Iterator[None]:
+    """LyCORIS keeps the last applied preset process-wide: put its default back after each test."""
+    yield
+    reset_lycoris_preset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny ops gain nothing from threads, and OpenMP workers spinning on a busy 2-core machine made each
+    training step of the tiny model ~100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

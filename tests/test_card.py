@@ -3,19 +3,18 @@
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from lokr_fixtures import write_random_adapter
 from model_cards import card_render_settings, front_matter, run_python_block
 from PIL import Image
 
 from job.config.loader import ResolvedConfig, load_config
 from job.config.schema import DatasetConfig
 from job.infer import infer
-from job.model.lokr import attach_lokr, lycoris_settings, reset_lycoris_preset, save_adapter
+from job.model.lokr import lycoris_settings
 from job.publish.card import model_card
 
 HF = "hf_plantedCARDtoken0123456789abcdef"
@@ -32,20 +31,12 @@ def cfg(tiny_job: Path) -> ResolvedConfig:
 
 
 @pytest.fixture(scope="module")
-def adapter(cfg: ResolvedConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A LoKr file as training writes it, with weights far enough from zero to change the images."""
-    from diffusers import AuraFlowTransformer2DModel
-
-    transformer = AuraFlowTransformer2DModel.from_pretrained(cfg.job.model_source, subfolder="transformer")
-    network = attach_lokr(transformer, cfg.lycoris, seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    path = tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors"
-    save_adapter(network, path, cfg.lycoris)
-    reset_lycoris_preset()
-    yield path
+def adapter(cfg: ResolvedConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_adapter(
+        Path(cfg.job.model_source),
+        cfg.lycoris,
+        tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors",
+    )
 
 
 def test_front_matter_for_the_hub(cfg: ResolvedConfig) -> None:

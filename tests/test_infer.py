@@ -5,19 +5,18 @@ import argparse
 import json
 import shlex
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lokr_fixtures import write_random_adapter
 from PIL import Image
 
 from job.config.loader import load_config
 from job.context import JobContext
 from job.errors import ConfigError
 from job.infer import add_infer_arguments, infer, run_infer
-from job.model.lokr import attach_lokr, reset_lycoris_preset, save_adapter
 from job.model.tiny import build_transformer
 from job.workdir import WorkDir
 
@@ -31,21 +30,12 @@ def model(tiny_job: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_job: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A LoKr file as training writes it, with weights far enough from zero to change the images."""
-    from diffusers import AuraFlowTransformer2DModel
-
-    cfg = load_config(tiny_job)
-    transformer = AuraFlowTransformer2DModel.from_pretrained(model, subfolder="transformer")
-    network = attach_lokr(transformer, cfg.lycoris, seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    path = tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors"
-    save_adapter(network, path, cfg.lycoris)
-    reset_lycoris_preset()
-    yield path
+def adapter(tiny_job: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_adapter(
+        model,
+        load_config(tiny_job).lycoris,
+        tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors",
+    )
 
 
 @pytest.fixture(scope="module")

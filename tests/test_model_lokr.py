@@ -1,34 +1,19 @@
 """LoKr on the tiny transformer: the seed's preset, a float multiplier, pass-through keys, the file format."""
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
+from lokr_fixtures import SEED_LYCORIS
 from safetensors import safe_open
 
 from job.config.schema import LycorisConfig
 from job.errors import ConfigError
-from job.model.lokr import METADATA_KEY, attach_lokr, reset_lycoris_preset, save_adapter
+from job.model.lokr import METADATA_KEY, attach_lokr, save_adapter
 from job.model.tiny import build_transformer
 from job.tiny import LYCORIS_CONFIG_TEXT
 
-SEED_LYCORIS = LycorisConfig.model_validate(
-    {
-        "algo": "lokr",
-        "multiplier": 1.0,
-        "linear_dim": 10000,
-        "linear_alpha": 1,
-        "factor": 16,
-        "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
-    }
-)
-
-
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
 
 
 def _transformer() -> torch.nn.Module:

@@ -1,6 +1,5 @@
 """Loading and preparing the base transformer: sources, precisions, quantize-then-LoKr, checkpointing."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,9 +7,11 @@ import torch
 
 from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
-from job.model.lokr import attach_lokr, reset_lycoris_preset
+from job.model.lokr import attach_lokr
 from job.model.tiny import build_transformer
 from job.model.transformer import input_dtype, load_dtype, load_transformer, prepare_base_model
+
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
 
 LYCORIS = LycorisConfig.model_validate(
     {
@@ -19,12 +20,6 @@ LYCORIS = LycorisConfig.model_validate(
     }
 )
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
 
 
 def _job(**settings) -> JobConfig:

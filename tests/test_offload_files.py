@@ -4,7 +4,6 @@ the weights hash the same, rewritten where they changed; and the flags resolved 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,9 @@ import torch
 from test_offload_training import CPU, assert_identical, job_config, tiny_model, train
 
 from job.errors import ConfigError
-from job.model.lokr import reset_lycoris_preset
 from job.model.offload import MANIFEST, OffloadedTensor, apply_group_offload, offload_settings
 
-
-@pytest.fixture(autouse=True)
-def isolation() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_offload_training.one_thread
-    yield
-    torch.set_num_threads(threads)
-    reset_lycoris_preset()
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
 
 
 def disk_job(path: Path, **overrides: object):

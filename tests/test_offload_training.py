@@ -8,30 +8,22 @@ offloader keeps its promises about what lives where.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from lokr_fixtures import SEED_LYCORIS
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from job.config.schema import JobConfig, LycorisConfig
+from job.config.schema import JobConfig
 from job.model.lokr import attach_lokr, reset_lycoris_preset
 from job.model.offload import GroupOffload, OffloadedTensor, OffloadSettings, apply_group_offload
 from job.model.tiny import build_transformer
 from job.model.transformer import prepare_base_model
 
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
+
 CPU = torch.device("cpu")
-SEED_LYCORIS = LycorisConfig.model_validate(
-    {
-        "algo": "lokr",
-        "multiplier": 1.0,
-        "linear_dim": 10000,
-        "linear_alpha": 1,
-        "factor": 16,
-        "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
-    }
-)
 STEPS = 3
 
 
@@ -99,22 +91,6 @@ def assert_identical(got: list[torch.Tensor], expected: list[torch.Tensor]) -> N
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         assert torch.any(b != 0), f"step {step}: nothing to compare"
         assert torch.equal(a, b), f"step {step}: max difference {(a - b).abs().max().item()}"
-
-
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # The tiny model gains nothing from threads, and OpenMP workers spinning on a busy 2-core machine made
-    # each step ~100x slower (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 LAYOUTS = [

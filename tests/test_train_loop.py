@@ -1,15 +1,15 @@
 """The training loop on the tiny transformer, with batches built in the test (no caches needed)."""
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from lokr_fixtures import SEED_LYCORIS
 
 from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
-from job.model.lokr import attach_lokr, reset_lycoris_preset
+from job.model.lokr import attach_lokr
 from job.model.tiny import TEXT_DIM, build_transformer
 from job.model.transformer import input_dtype, prepare_base_model
 from job.train.checkpoint import latest_complete, list_checkpoints
@@ -21,22 +21,13 @@ from job.train.optimizers import adapter_dtype, build_optimizer
 from job.train.schedule import build_lr_scheduler, total_steps
 from job.train.state import TrainingObjects, TrainState, load_training_state, save_training_state
 
-# The seed's preset (Attention, factor 8).
-LYCORIS = LycorisConfig.model_validate(
-    {
-        "algo": "lokr",
-        "multiplier": 1.0,
-        "linear_dim": 10000,
-        "linear_alpha": 1,
-        "factor": 16,
-        "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
-    }
-)
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
+
 # In the random tiny model attention barely reaches the output (the FF dominates), so tests that watch the
 # loss fall also wrap the feed-forward layers.
 LYCORIS_WITH_FF = LycorisConfig.model_validate(
     {
-        **LYCORIS.model_dump(exclude_unset=True),
+        **SEED_LYCORIS.model_dump(exclude_unset=True),
         "apply_preset": {
             "target_module": ["Attention", "AuraFlowFeedForward"],
             "module_algo_map": {"Attention": {"factor": 8}, "AuraFlowFeedForward": {"factor": 8}},
@@ -86,21 +77,6 @@ class FakeData:
         return torch.full((TOKENS, TEXT_DIM), 0.5), torch.ones(TOKENS, dtype=torch.long)
 
 
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny ops gain nothing from threads, and on a busy 2-core box extra threads make them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_job(**settings) -> JobConfig:
     defaults = {
         "data_backend_config": "x.json",
@@ -117,7 +93,7 @@ def make_job(**settings) -> JobConfig:
 
 
 def make_trainer(
-    job: JobConfig, data: FakeData, checkpoints: Path | None = None, lycoris: LycorisConfig = LYCORIS
+    job: JobConfig, data: FakeData, checkpoints: Path | None = None, lycoris: LycorisConfig = SEED_LYCORIS
 ) -> LoKrTrainer:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

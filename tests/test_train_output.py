@@ -1,41 +1,25 @@
 """The trained adapter's files: SimpleTuner's layout, deterministic bytes, the idempotency record."""
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
+from lokr_fixtures import SEED_LYCORIS
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from job.config.schema import LycorisConfig
-from job.model.lokr import METADATA_KEY, attach_lokr, reset_lycoris_preset
+from job.model.lokr import METADATA_KEY, attach_lokr
 from job.model.tiny import build_transformer
 from job.train.ema import AdapterEMA
 from job.train.output import ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE, is_finished, write_output
 
-LYCORIS = LycorisConfig.model_validate(
-    {
-        "algo": "lokr",
-        "multiplier": 1.0,
-        "linear_dim": 10000,
-        "linear_alpha": 1,
-        "factor": 16,
-        "apply_preset": {"target_module": ["Attention"], "module_algo_map": {"Attention": {"factor": 8}}},
-    }
-)
-
-
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
 
 
 @pytest.fixture
 def trained():
     torch.manual_seed(0)
-    network = attach_lokr(build_transformer().requires_grad_(False), LYCORIS, seed=3)
+    network = attach_lokr(build_transformer().requires_grad_(False), SEED_LYCORIS, seed=3)
     ema = AdapterEMA(list(network.named_parameters()), decay=0.5)
     with torch.no_grad():
         for parameter in network.parameters():
@@ -46,7 +30,7 @@ def trained():
 
 def test_layout_metadata_and_lycoris_config(tmp_path, trained):
     network, ema = trained
-    path = write_output(tmp_path, network, ema, LYCORIS, config_hash="abc", step=24)
+    path = write_output(tmp_path, network, ema, SEED_LYCORIS, config_hash="abc", step=24)
     assert path == tmp_path / ADAPTER_FILE
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(
         [ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE]
@@ -65,8 +49,8 @@ def test_layout_metadata_and_lycoris_config(tmp_path, trained):
 
 def test_bytes_depend_only_on_weights_and_config(tmp_path, trained):
     network, ema = trained
-    write_output(tmp_path / "a", network, ema, LYCORIS, config_hash="abc", step=24)
-    write_output(tmp_path / "b", network, ema, LYCORIS, config_hash="abc", step=24)
+    write_output(tmp_path / "a", network, ema, SEED_LYCORIS, config_hash="abc", step=24)
+    write_output(tmp_path / "b", network, ema, SEED_LYCORIS, config_hash="abc", step=24)
     for name in (ADAPTER_FILE, CONFIG_FILE, EMA_FILE, RESULT_FILE):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -74,7 +58,7 @@ def test_bytes_depend_only_on_weights_and_config(tmp_path, trained):
 def test_is_finished_needs_same_hash_same_step_and_intact_files(tmp_path, trained):
     network, _ = trained
     assert not is_finished(tmp_path, config_hash="abc", step=24)
-    write_output(tmp_path, network, None, LYCORIS, config_hash="abc", step=24)
+    write_output(tmp_path, network, None, SEED_LYCORIS, config_hash="abc", step=24)
     assert not (tmp_path / EMA_FILE).exists()
     assert is_finished(tmp_path, config_hash="abc", step=24)
     assert not is_finished(tmp_path, config_hash="abd", step=24)

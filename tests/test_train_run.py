@@ -1,22 +1,16 @@
 """``train_adapter`` in process on the warmed tiny job: stop and resume, checkpoint hooks, guard rails."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from job.context import JobContext, open_context
 from job.errors import ConfigError, TransientError
-from job.model.lokr import reset_lycoris_preset
 from job.train.checkpoint import list_checkpoints
 from job.train.output import ADAPTER_FILE, is_finished
 from job.train.run import train_adapter
 
-
-@pytest.fixture(autouse=True)
-def default_preset() -> Iterator[None]:
-    yield
-    reset_lycoris_preset()
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
 
 
 @pytest.fixture(scope="module")

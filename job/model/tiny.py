@@ -160,8 +160,9 @@ def build_vae() -> AutoencoderKL:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    # Random init draws differ by dtype: a caller's set_default_dtype(bfloat16) must not change the bytes.
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` for the block only. Random init draws differ by dtype: here, a
+    caller's set_default_dtype(bfloat16) must not change the tiny model's bytes."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -181,7 +182,7 @@ def build_tiny_pipeline(dest: Path) -> None:
 
     dest = Path(dest)
     # Leave the caller's global RNG as it was: building the default job must not change a training run.
-    with torch.random.fork_rng(devices=[]), _default_dtype(torch.float32):
+    with torch.random.fork_rng(devices=[]), default_dtype(torch.float32):
         tokenizer = build_tokenizer()
         _seeded(1)
         text_encoder = build_text_encoder(len(tokenizer))
