@@ -15,11 +15,11 @@ from typing import Any
 import json5
 from pydantic import BaseModel, ValidationError
 
-from job.config import paths
+from job.config import paths, simpletuner
 from job.config.deepspeed import deepspeed_problems
 from job.config.schema import DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
-from job.config.simpletuner import IGNORED_DATASET_KEYS, IGNORED_JOB_KEYS
 from job.errors import ConfigError
+from job.oserrors import map_os_error
 
 # Keys of config.json that name another file which must exist.
 FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
@@ -40,16 +40,70 @@ class ResolvedConfig:
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def hash(self) -> str:
-        """Identifies the training recipe; a checkpoint made under another recipe is flagged on resume."""
+    def recipe(self) -> dict[str, Any]:
+        """Everything that decides what is trained, as plain JSON (recorded in the run URI): the config
+        less the settings that only change how a run is watched, published, checkpointed or fitted in
+        memory (``OUTCOME_NEUTRAL_KEYS``)."""
         recipe: dict[str, Any] = {
-            "job": self.job.model_dump(mode="json"),
-            "datasets": [d.model_dump(mode="json") for d in self.datasets],
+            "job": self.job.model_dump(mode="json", exclude=set(OUTCOME_NEUTRAL_KEYS)),
+            "datasets": [d.model_dump(mode="json", exclude={"cache_dir_vae"}) for d in self.datasets],
             "lycoris": self.lycoris.model_dump(mode="json") if self.lycoris else None,
         }
         if self.deepspeed is not None:
             recipe["deepspeed"] = self.deepspeed
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        return recipe
+
+    @property
+    def hash(self) -> str:
+        """Identifies the training recipe; a run URI started under another recipe is refused."""
+        return recipe_hash(self.recipe)
+
+
+# config.json keys that never change the weights a run trains (same seed, same data): editing them on an
+# existing run URI continues the run. The memory settings are here because a replacement machine with a
+# smaller GPU turns them on for the same run; the file keys because their contents are in the recipe
+# themselves (their paths differ from one work directory to the next).
+OUTCOME_NEUTRAL_KEYS = frozenset(
+    {
+        "lycoris_config",
+        "data_backend_config",
+        "deepspeed_config",
+        "user_prompt_library",
+        "write_batch_size",
+        "checkpoint_step_interval",
+        "checkpoints_total_limit",
+        "resume_from_checkpoint",
+        "validation_prompt",
+        "validation_negative_prompt",
+        "validation_step_interval",
+        "validation_seed",
+        "validation_resolution",
+        "validation_guidance",
+        "validation_guidance_rescale",
+        "validation_num_inference_steps",
+        "eval_steps_interval",
+        "num_eval_images",
+        "report_to",
+        "tracker_project_name",
+        "tracker_run_name",
+        "webhook_url",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private",
+        "cache_uri",
+        "gradient_checkpointing",
+        "enable_group_offload",
+        "group_offload_type",
+        "group_offload_blocks_per_group",
+        "group_offload_use_stream",
+        "group_offload_to_disk_path",
+        "enable_model_cpu_offload",
+    }
+)
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Problems:
@@ -84,7 +138,7 @@ def load_config(
     raw.update(_parse_overrides(overrides or [], problems))
 
     known = set(JobConfig.model_fields)
-    _screen_keys(raw, known, IGNORED_JOB_KEYS, config_path, problems)
+    _screen_keys(raw, known, simpletuner.options().config, config_path, problems)
     files = _resolve_files(raw, config_path, problems, remote_origin)
     for key in ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri"):
         if isinstance(raw.get(key), str) and raw[key]:
@@ -135,19 +189,47 @@ def _parse_overrides(overrides: list[str], problems: _Problems) -> dict[str, Any
 
 
 def _screen_keys(
-    raw: dict[str, Any], known: set[str], ignored: dict[str, str], where: Path, problems: _Problems
+    raw: dict[str, Any],
+    known: set[str],
+    table: dict[str, simpletuner.Option],
+    where: Path,
+    problems: _Problems,
 ) -> None:
-    """Warn on SimpleTuner keys we ignore; error on unknown keys with the nearest known one."""
+    """Map SimpleTuner's older spellings onto their keys, warn on the options lokr-job ignores, refuse the
+    ones it cannot honour, and report unknown keys with the nearest known one."""
+    for key in [k for k in raw if k not in known and k in table and table[k].disposition == "alias"]:
+        canonical, value = table[key].of, raw.pop(key)
+        if canonical in raw and raw[canonical] != value:
+            problems.error(
+                where,
+                f"{key}: SimpleTuner's older name for {canonical}, and both are set to different "
+                f"values; keep {canonical} only",
+            )
+        raw.setdefault(canonical, value)
     for key in list(raw):
         if key in known:
             continue
         value = raw.pop(key)
-        if key in ignored:
-            problems.warn(where, f"{key}: known SimpleTuner option, ignored by lokr-job ({ignored[key]})")
-            continue
-        near = difflib.get_close_matches(key, sorted(known | set(ignored)), n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        problems.error(where, f"{key}: unknown option (value {value!r}){hint}")
+        option = table.get(key)
+        if option is None:
+            near = difflib.get_close_matches(key, sorted(known | set(table)), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            problems.error(
+                where, f"{key}: unknown option (value {simpletuner.shown_value(key, value)}){hint}"
+            )
+        elif option.disposition == "refused" and not simpletuner.asks_for_nothing(option, value):
+            problems.error(
+                where,
+                f"{key}: SimpleTuner option refused by lokr-job: {option.reason}; {option.instead} "
+                f"(value {simpletuner.shown_value(key, value)})",
+            )
+        elif option.name == "num_processes":
+            if problem := simpletuner.world_size_problem(value):
+                problems.error(where, problem)
+        else:
+            # Acted on elsewhere (a text_embeds key on an image backend, say) means unused here.
+            reason = option.reason or "not used by this kind of entry"
+            problems.warn(where, f"{key}: known SimpleTuner option, ignored by lokr-job ({reason})")
 
 
 def _resolve_files(
@@ -213,7 +295,7 @@ def _load_backends(
             problems.error(where, f"dataset_type {kind!r} is not supported (use image or text_embeds)")
             continue
         entry = dict(entry)
-        _screen_keys(entry, set(model.model_fields), IGNORED_DATASET_KEYS, Path(where), problems)
+        _screen_keys(entry, set(model.model_fields), simpletuner.options().dataset, Path(where), problems)
         # Cache folders are resolved against the work directory later, not against the config.
         if isinstance(entry.get("instance_data_dir"), str) and entry["instance_data_dir"]:
             entry["instance_data_dir"] = _resolve_data_dir(
@@ -300,6 +382,9 @@ def _read_json5(path: Path, problems: _Problems, expect: type) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
+        # Unreadable (EACCES) is access to grant, not a config to fix: exit 4, not one of the problems.
+        if (refused := map_os_error(exc, None)) is not None:
+            raise refused from exc
         problems.error(path, f"cannot read: {exc.strerror}")
         return None
     try:

@@ -119,6 +119,13 @@ class JobConfig(_Strict):
         # A step number may arrive as a JSON number (--set resume_from_checkpoint=16).
         return str(value) if isinstance(value, int) else value
 
+    @field_validator("validation_step_interval", mode="before")
+    @classmethod
+    def _zero_is_never(cls, value: object) -> object:
+        # SimpleTuner validates on steps only when the interval is above 0 (simpletuner/helpers/training/
+        # validation.py, should_perform_intermediary_validation); its examples write 0 for "never".
+        return None if value in (0, "0") else value
+
     @field_validator("validation_resolution")
     @classmethod
     def _resolutions(cls, value: str) -> str:

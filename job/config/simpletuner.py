@@ -1,70 +1,105 @@
-"""SimpleTuner options lokr-job knows about but does not act on.
+"""What lokr-job does with each option name SimpleTuner knows, read from ``simpletuner_options.json``.
 
-Users paste whole SimpleTuner configs; these keys get a warning that says they are ignored instead of
-the error an unknown (probably misspelt) key gets.
+Users paste whole SimpleTuner configs. Every name SimpleTuner's argument parser, field registry or data
+backend code knows (at the commit recorded in the file) has one disposition there:
+
+- ``acted_on``: lokr-job implements it with SimpleTuner's meaning (a field of the schema, or checked here);
+- ``alias``: an older spelling, mapped onto the canonical key (``of``) before validation;
+- ``ignored``: a warning naming the key and the reason;
+- ``refused``: exit 2 naming the key, why, and what to do instead, because running anyway would train
+  something other than what was asked. A value that asks for nothing (unset, or one of ``allowed``: the
+  feature's "off") is only a warning.
+
+Only a name in neither SimpleTuner nor lokr-job's schema is "unknown" (probably misspelt).
+``scripts/simpletuner_options.py`` lists SimpleTuner's names; ``scripts/config_docs.py`` writes the
+tables in docs/config.md from this file.
 """
 
-IGNORED_JOB_KEYS: dict[str, str] = {
-    "output_dir": "outputs go to <workdir>/output and <run-uri>/output",
-    "logging_dir": "logs go to <workdir>/output/logs",
-    "validation_torch_compile": "validation runs uncompiled",
-    "vae_cache_ondemand": "lokr-job always warms the caches before step 1",
-    "vae_cache_scan_behaviour": "the cache index decides what is missing",
-    "disable_benchmark": "no start-up benchmark is run",
-    "validation_preview": "no validation previews are streamed",
-    "validation_preview_steps": "no validation previews are streamed",
-    "offload_during_startup": "the VAE and text encoder are unloaded after warm anyway",
-    "validation_noise_scheduler": "validation uses the pipeline's flow-match scheduler",
-    "validation_using_datasets": "validation uses prompts only",
-    "validation_disable_unconditional": "classifier-free guidance follows validation_guidance",
-    "num_validation_images": "one image per prompt and resolution",
-    "allow_tf32": "TF32 is enabled on CUDA",
-    "attention_mechanism": "attention uses torch SDPA",
-    "compress_disk_cache": "caches are uncompressed safetensors",
-    "delete_problematic_images": "bad images are skipped and reported, never deleted",
-    "delete_unwanted_images": "user data is never modified",
-    "metadata_update_interval": "bucket metadata is written once per warm",
-    "snr_gamma": "flow matching uses plain MSE",
-    "use_soft_min_snr": "flow matching uses plain MSE",
-    "lora_rank": "LoKr size comes from lycoris_config.json",
-    "lora_alpha": "LoKr size comes from lycoris_config.json",
-    "init_lora": "LoKr initialises from lycoris_config.json",
-    "hub_private_repo": "use hub_private",
-    "model_card_note": "the model card is generated",
-    "webhook_config": "use webhook_url",
-    "push_checkpoints_to_hub": "checkpoints go to the run URI",
-    "aspect_bucket_alignment": "bucket sides snap to multiples of 16 pixels",
-    "data_aesthetic_score": "no aesthetic conditioning",
-    "train_text_encoder": "the text encoder stays frozen",
-    "text_encoder_limit": "the text encoder stays frozen",
-    "enable_xformers_memory_efficient_attention": "attention uses torch SDPA",
-    "scheduled_sampling_max_step_offset": "scheduled sampling is not implemented",
-    "scheduled_sampling_probability": "scheduled sampling is not implemented",
-    "gradient_precision": "gradients follow mixed_precision",
-    "tread_config": "TREAD routing is not implemented",
-    "disable_tf32": "TF32 is enabled on CUDA",
-    "quantize_activations": "only weights are quantized",
-    "noise_offset": "flow matching takes no noise offset",
-    "noise_offset_probability": "flow matching takes no noise offset",
-    "input_perturbation": "no input perturbation",
-    "flow_use_beta_schedule": "σ is drawn from a logit-normal",
-    "flow_use_uniform_schedule": "σ is drawn from a logit-normal",
-    "flow_sigmoid_scale": "σ is drawn from a logit-normal",
-}
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
 
-IGNORED_DATASET_KEYS: dict[str, str] = {
-    "skip_file_discovery": "files are discovered on every warm (cheap: the index short-cuts it)",
-    "metadata_backend": "bucket metadata lives in the work directory",
-    "vae_cache_clear_each_epoch": "latents are cached once",
-    "probability": "datasets are interleaved by size × repeats",
-    "preserve_data_backend_cache": "caches are content-addressed and always kept",
-    "hash_filenames": "caches are content-addressed",
-    "scan_for_errors": "every image is checked while warming",
-    "prepend_instance_prompt": "captions are used as found",
-    "only_instance_prompt": "use caption_strategy instanceprompt",
-    "cache_file_suffix": "cache files are named by content hash",
-    "max_num_samples": "every discovered image is used",
-    "image_embeds": "no image-embedding conditioning",
-    "conditioning_data": "no conditioning datasets",
-    "text_embeds": "the default text_embeds backend is used",
-}
+Disposition = Literal["acted_on", "alias", "ignored", "refused"]
+
+# Values that set nothing: SimpleTuner skips a key whose value is empty (cli_utils.mapping_to_cli_args).
+_UNSET_WORDS = {"", "none", "null"}
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    disposition: Disposition
+    reason: str = ""
+    of: str = ""  # alias: the canonical name
+    instead: str = ""  # refused: what to do instead
+    allowed: tuple[Any, ...] = ()  # refused: values that ask for nothing lokr-job leaves undone
+    older: bool = False  # a name from an older SimpleTuner release, not in the commit recorded
+
+
+@dataclass(frozen=True)
+class Options:
+    commit: str
+    config: dict[str, Option]
+    dataset: dict[str, Option]
+
+
+@cache
+def options() -> Options:
+    raw = json.loads(resources.files("job.config").joinpath("simpletuner_options.json").read_text("utf-8"))
+
+    def table(entries: dict[str, dict[str, Any]]) -> dict[str, Option]:
+        return {
+            name: Option(name=name, **{**entry, "allowed": tuple(entry.get("allowed", ()))})
+            for name, entry in entries.items()
+        }
+
+    return Options(
+        commit=raw["simpletuner"]["commit"], config=table(raw["config"]), dataset=table(raw["dataset"])
+    )
+
+
+def asks_for_nothing(option: Option, value: Any) -> bool:
+    """Whether a refused option's value leaves the feature off (SimpleTuner's strings included)."""
+    if value is None or value == [] or value == {}:
+        return True
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _UNSET_WORDS:
+            return True
+        try:
+            value = json.loads(word)
+        except ValueError:
+            value = word
+    # False == 0 in Python, which is what we want: "off" either way.
+    return any(value == allowed for allowed in option.allowed)
+
+
+_SECRET_NAME = re.compile(r"secret|token|password|passwd|key", re.IGNORECASE)
+
+
+def shown_value(key: str, value: Any) -> str:
+    """A value for an error message, hidden when the key names a credential."""
+    return "<hidden>" if _SECRET_NAME.search(key) else repr(value)
+
+
+def world_size_problem(num_processes: Any) -> str | None:
+    """``num_processes`` is SimpleTuner's launch size; lokr-job is launched by torchrun, which sets
+    WORLD_SIZE. A different number would train with a different global batch, so it is an error; with no
+    launcher (``check``, a single process) there is nothing to compare against."""
+    launched = os.environ.get("WORLD_SIZE")
+    try:
+        wanted = int(num_processes)
+    except (TypeError, ValueError):
+        return f"num_processes: must be a whole number of processes (got {num_processes!r})"
+    if wanted < 1:
+        return f"num_processes: must be at least 1 (got {wanted})"
+    if launched is not None and launched.strip() and int(launched) != wanted:
+        return (
+            f"num_processes: the config asks for {wanted} processes but the job was launched with "
+            f"WORLD_SIZE={launched}; launch {wanted} (torchrun --nproc-per-node) or set num_processes to {launched}"
+        )
+    return None
