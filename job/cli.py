@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from job import __version__, distributed
 from job.errors import ConfigError, ExitCode, JobError
-from job.track.logs import setup_logging
+from job.oserrors import map_os_error
+from job.track.logs import log_thread_deaths, setup_logging
 
 log = logging.getLogger("lokr")
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("dest", metavar="DIR", help="folder to write the tiny job into")
             continue
         _add_job_options(sub)
+        if name in ("run", "train", "publish", "check"):
+            _add_recipe_option(sub)
         if name == "check":
             sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
         if name == "infer":
@@ -101,9 +104,29 @@ def _add_job_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_recipe_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--recipe-change",
+        choices=("refuse", "new-run", "continue"),
+        default=os.environ.get("LOKR_RECIPE_CHANGE", "refuse"),
+        help="when the run URI (or, without one, the work directory) holds a run of another recipe: "
+        "refuse (exit 2, naming the keys that differ), new-run (move the old run to previous/ and start "
+        "again) or continue (resume its checkpoints with the new settings) (env LOKR_RECIPE_CHANGE; "
+        "default refuse)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from job.train.preemption import exit_if_signalled
+
+    # After SIGTERM/SIGINT the process exits here, not through the interpreter's seconds-long teardown.
+    return exit_if_signalled(_main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    log_thread_deaths()
     if args.command in PREEMPTIBLE:
         from job.train import preemption
 
@@ -111,12 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _dispatch(args)
     except JobError as exc:
+        log.debug("traceback of the failure below (for us, not the user)", exc_info=True)
         log.error("%s", exc.message)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         log.error("interrupted")
         return int(ExitCode.TRANSIENT) if args.command in PREEMPTIBLE else 130
-    except Exception:
+    except Exception as exc:
+        # A full disk (75) or a refused path (4), also from a worker thread or under a wrapper's exception.
+        mapped = map_os_error(exc, getattr(args, "workdir", None))
+        if mapped is not None:
+            log.debug("traceback of the failure below (for us, not the user)", exc_info=True)
+            log.error("%s", mapped.message)
+            return int(mapped.exit_code)
         log.error("lokr-job hit a bug; please report it with this traceback:\n%s", traceback.format_exc())
         return int(ExitCode.BUG)
     finally:
@@ -138,7 +168,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "check":
         from job.check import check_command
 
-        check_command(args.config, args.workdir, args.run_uri, args.overrides, as_json=args.json)
+        check_command(
+            args.config,
+            args.workdir,
+            args.run_uri,
+            args.overrides,
+            as_json=args.json,
+            recipe_change=args.recipe_change,
+        )
         return
     if args.command == "infer" and args.base_model and not args.config:
         from job.infer import run_infer
@@ -158,9 +195,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_infer(args, ctx)
         return
     if args.command in (*STAGES, "run"):
+        from job.lease import exclusive
         from job.track.status import reporting
 
-        with reporting(ctx.workdir.status, ctx.run_uri, args.command):
+        # One process per work directory (locked now), one trainer per run URI (the lease, taken once the
+        # preflight passed; until then nothing is written there).
+        with (
+            exclusive(ctx.workdir.root, ctx.run_uri, args.command) as run_lease,
+            reporting(ctx.workdir.status, ctx.run_uri, args.command),
+        ):
+            stages.preflight(ctx, args.command)
+            run_lease.take()
+            stages.claim(ctx, args.command, getattr(args, "recipe_change", "refuse"))
             getattr(stages, args.command)(ctx)
         return
     raise AssertionError(f"no dispatch for command {args.command!r}")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from job.oserrors import writing
+
 
 def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = False) -> None:
     """Call ``write(temporary_path)`` and move the result to ``path``."""
@@ -21,7 +23,8 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool =
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        write(Path(temporary))
+        with writing(path):  # a full disk names the file, even where the writer (safetensors) does not
+            write(Path(temporary))
         if durable:
             fsync_file(Path(temporary))
         os.chmod(temporary, 0o644)  # mkstemp's 0600 is for secrets; these files are not

@@ -1,19 +1,58 @@
 """The stages a run goes through. Each is a function of a ``JobContext``, idempotent, and runnable
 alone; ``run`` chains them. Heavy modules are imported inside each stage so the CLI starts fast."""
 
+from __future__ import annotations
+
 import logging
+from typing import TYPE_CHECKING
 
 from job import distributed
 from job.context import JobContext
+from job.errors import ConfigError
+
+if TYPE_CHECKING:
+    from job.recipe import RecipeChange
 
 log = logging.getLogger("lokr")
 
 
-def check(ctx: JobContext, *, as_json: bool = False) -> None:
-    """Config (already validated when loaded), access, dataset census, steps, cache size and VRAM."""
+def check(ctx: JobContext, *, as_json: bool = False, recipe_change: RecipeChange = "refuse") -> None:
+    """Config (already validated when loaded), access, the run's recipe, dataset census, steps, cache size
+    and VRAM."""
     from job.check import run_check
 
-    run_check(ctx, as_json=as_json)
+    run_check(ctx, as_json=as_json, recipe_change=recipe_change)
+
+
+# The commands that write a run's checkpoints or output, and so must belong to its recipe.
+CLAIMING = ("run", "train", "publish")
+
+
+def preflight(ctx: JobContext, command: str) -> None:
+    """The access checks ``check`` makes, for what ``command`` needs, before anything is spent."""
+    from job.check.preflight import preflight as check_access_for
+
+    if command == "publish":
+        from job.publish.bundle import require_trained
+
+        # Nothing to publish is found on the local disk, before any request is made.
+        require_trained(ctx.workdir.output, ctx.config.job.model_type)
+    distributed.once(lambda: check_access_for(ctx.config, ctx.run_uri, command))
+
+
+def claim(ctx: JobContext, command: str, recipe_change: RecipeChange) -> None:
+    """Record the recipe where the run lives; a different one there is refused unless ``recipe_change``
+    says to start a new run or continue (``job.recipe``)."""
+    if command not in CLAIMING:
+        return
+    from job.recipe import RECIPE_CHANGES, claim_run
+
+    if recipe_change not in RECIPE_CHANGES:
+        raise ConfigError(
+            f"LOKR_RECIPE_CHANGE={recipe_change!r}: use one of {', '.join(RECIPE_CHANGES)} (see lokr-job run --help)"
+        )
+
+    distributed.once(lambda: claim_run(ctx.config, ctx.run_uri, ctx.workdir, recipe_change))
 
 
 def fetch(ctx: JobContext) -> None:
@@ -36,13 +75,18 @@ def warm(ctx: JobContext) -> None:
 
 
 def train(ctx: JobContext) -> None:
+    from job import lease
     from job.train.preemption import stop_requested
     from job.train.remote import durable_checkpoints
     from job.train.run import train_adapter
 
+    def should_stop() -> bool:
+        # A signal, or the run lease lost to another process (which then owns the run URI's checkpoints).
+        return stop_requested() or lease.lost()
+
     # Resumes from the run URI's newest checkpoint when it is newer, uploads each new one in the background.
     with durable_checkpoints(ctx) as hooks:
-        train_adapter(ctx, should_stop=stop_requested, checkpoint_hooks=hooks)
+        train_adapter(ctx, should_stop=should_stop, checkpoint_hooks=hooks)
 
 
 def publish(ctx: JobContext) -> None:
@@ -52,9 +96,15 @@ def publish(ctx: JobContext) -> None:
 
 
 def run(ctx: JobContext) -> None:
+    from job.publish.reuse import finished_output
     from job.track.status import report_phase
     from job.train.preemption import current as preemption
 
+    if distributed.on_each_machine_first(lambda: finished_output(ctx)):
+        log.info("run: this recipe is already trained (%s); publishing it, no training", ctx.workdir.output)
+        report_phase("publish")
+        publish(ctx)
+        return
     for stage in (fetch, warm, train, publish):
         preemption().raise_if_requested(f"the start of {stage.__name__}")
         report_phase(stage.__name__)

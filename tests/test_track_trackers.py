@@ -123,3 +123,27 @@ def test_none_writes_nothing(tiny_job: Path, tmp_path: Path, image: Path) -> Non
         trackers.log(1, {"loss": 0.5})
         trackers.log_images(1, {"validation": image})
     assert not workdir.output.exists()
+
+
+def test_a_tensorboard_that_dies_while_logging_is_switched_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its event file on a 4 KiB file system: a flush meets ENOSPC, a warning says so, logging goes on."""
+    import subprocess
+
+    logs = tmp_path / "out" / "logs"
+    logs.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(logs)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): needs root on Linux")
+    try:
+        trackers = Trackers("tensorboard", tmp_path / "out", project="p")
+        for step in range(2000):
+            trackers.log(step, {"loss": 1.0, "lr": 0.1})
+            trackers.flush()
+        trackers.close()
+    finally:
+        subprocess.run(["umount", "-l", str(logs)], check=False)
+    assert "tracking: tensorboard failed (OSError: [Errno 28] No space left on device)" in caplog.text

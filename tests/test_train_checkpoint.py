@@ -14,6 +14,7 @@ from job.train.checkpoint import (
     list_checkpoints,
     resolve_resume,
     rotate,
+    set_aside,
     verify,
     write_checkpoint,
 )
@@ -134,3 +135,16 @@ def test_a_new_write_replaces_a_broken_folder_of_the_same_step(tmp_path):
     _save(tmp_path, 8)
     assert verify(tmp_path / checkpoint_name(8)) is None
     assert not (tmp_path / checkpoint_name(8) / "stale").exists()
+
+
+def test_an_unloadable_checkpoint_is_set_aside_and_never_picked_again(tmp_path, caplog):
+    _save(tmp_path, 8, 16)
+    with caplog.at_level(logging.WARNING, logger="lokr"):
+        aside = set_aside(tmp_path / checkpoint_name(16), "HeaderTooSmall")
+    assert aside is not None and aside.name.startswith("checkpoint-00000016.unloadable-")
+    assert verify(aside) is None, "kept whole, for inspection"
+    assert "HeaderTooSmall" in caplog.text
+    assert latest_complete(tmp_path) == tmp_path / checkpoint_name(8)
+    rotate(tmp_path, 1)
+    assert aside.is_dir(), "rotation leaves it alone"
+    assert set_aside(tmp_path / checkpoint_name(16), "again") is None  # already moved (by another process)

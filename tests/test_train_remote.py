@@ -5,12 +5,13 @@ import json
 import time
 from pathlib import Path
 
-from job.train.checkpoint import MARKER, checkpoint_name, write_checkpoint
+from job.train.checkpoint import MARKER, checkpoint_name, set_aside, write_checkpoint, write_marker
 from job.train.remote import (
     CheckpointUploader,
     download_newer_checkpoint,
     remote_checkpoints,
     rotate_remote,
+    set_aside_remote,
 )
 
 
@@ -114,3 +115,33 @@ def test_on_the_hub_a_checkpoint_is_one_commit_and_resumes(hub, tmp_path):
     assert f"checkpoints/{checkpoint_name(8)}/{MARKER}" in files
     got = download_newer_checkpoint(run_uri, tmp_path / "fresh")
     assert got is not None and got.name == checkpoint_name(8)
+
+
+def test_a_checkpoint_that_failed_to_load_is_set_aside_at_the_run_uri_too(tmp_path):
+    run_uri = str(tmp_path / "run")
+    remote_root = tmp_path / "run" / "checkpoints"
+    make_checkpoint(remote_root, 8)
+    make_checkpoint(remote_root, 16)
+    fresh = tmp_path / "fresh"
+    got = download_newer_checkpoint(run_uri, fresh)
+    assert got is not None and got.name == checkpoint_name(16)
+    aside = set_aside(got, "it failed to load")
+    assert aside is not None
+    set_aside_remote(run_uri, aside, 16)
+    assert remote_checkpoints(run_uri) == {8: True}
+    assert (remote_root / aside.name / MARKER).read_bytes() == (aside / MARKER).read_bytes()
+    # The next download brings the one before, and a new machine never sees 16 again.
+    assert download_newer_checkpoint(run_uri, fresh) == fresh / checkpoint_name(8)
+    assert download_newer_checkpoint(run_uri, tmp_path / "next") == tmp_path / "next" / checkpoint_name(8)
+
+
+def test_a_different_remote_copy_is_left_for_its_own_try(tmp_path):
+    run_uri = str(tmp_path / "run")
+    make_checkpoint(tmp_path / "run" / "checkpoints", 16)
+    local = make_checkpoint(tmp_path / "local", 16)
+    (local / "trainer_state.json").write_text('{"step": "sixteen"}')
+    write_marker(local, 16)  # a local copy whose bytes differ from the run URI's
+    aside = set_aside(local, "bad position")
+    assert aside is not None
+    set_aside_remote(run_uri, aside, 16)
+    assert remote_checkpoints(run_uri) == {16: True}

@@ -1,5 +1,6 @@
-"""The real CLI in subprocesses: an interrupted run, resumed (past a broken checkpoint), ends bit-identical
-to an uninterrupted one; a finished run is not redone; the adapter loads into a fresh AuraFlowPipeline."""
+"""The real CLI in subprocesses: an interrupted run, resumed (past a broken checkpoint, or past one whose
+marker matches but whose contents do not load, locally or at the run URI), ends bit-identical to an
+uninterrupted one; a finished run is not redone; the adapter loads into a fresh AuraFlowPipeline."""
 
 import os
 import subprocess
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.train.checkpoint import list_checkpoints
+from job.train.checkpoint import UNLOADABLE_SUFFIX, list_checkpoints, write_marker
 from job.train.output import ADAPTER_FILE, RESULT_FILE
+from job.train.remote import remote_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +57,53 @@ def test_interrupted_and_resumed_run_is_bit_identical(runs):
     ).read_bytes()
     assert [step for step, _ in list_checkpoints(root / "A" / "checkpoints")] == [16, 24]
     assert [step for step, _ in list_checkpoints(root / "B" / "checkpoints")] == [16, 24]
+
+
+def damage_inside_its_marker(folder: Path, step: int) -> None:
+    """The adapter no longer deserialises, yet the marker matches: a complete checkpoint that cannot load."""
+    adapter = folder / "lokr.safetensors"
+    adapter.write_bytes(b"\xff" * adapter.stat().st_size)
+    write_marker(folder, step)
+
+
+@pytest.fixture(scope="module")
+def fallbacks(runs: dict[str, Path]) -> dict[str, str]:
+    root, config = runs["root"], str(runs["config"])
+    # Locally: C stops at 16, its checkpoint-16 is damaged inside its marker, then C runs on to 24.
+    lokr_job("run", "--config", config, "--workdir", str(root / "C"), "--set", "max_train_steps=16")
+    damage_inside_its_marker(root / "C" / "checkpoints" / "checkpoint-00000016", 16)
+    local = lokr_job("run", "--config", config, "--workdir", str(root / "C")).stderr
+    # At the run URI: D1 leaves 8 and 16 there, 16 is damaged the same way, D2 (a fresh machine) continues.
+    run_uri = str(root / "run-D")
+    first = ("run", "--config", config, "--workdir", str(root / "D1"), "--run-uri", run_uri)
+    lokr_job(*first, "--set", "max_train_steps=16")
+    damage_inside_its_marker(root / "run-D" / "checkpoints" / "checkpoint-00000016", 16)
+    remote = lokr_job("run", "--config", config, "--workdir", str(root / "D2"), "--run-uri", run_uri).stderr
+    return {"local": local, "remote": remote}
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_one_before_resumes(runs, fallbacks):
+    root, log = runs["root"], fallbacks["local"]
+    assert "checkpoint-00000016 cannot be loaded" in log and "checkpoint-00000008 (step 8" in log, log[-3000:]
+    assert "Traceback" not in log
+    aside = list((root / "C" / "checkpoints").glob(f"checkpoint-00000016{UNLOADABLE_SUFFIX}*"))
+    assert len(aside) == 1, "kept for inspection"
+    assert (root / "C" / "output" / ADAPTER_FILE).read_bytes() == (
+        root / "A" / "output" / ADAPTER_FILE
+    ).read_bytes()
+
+
+def test_a_run_uri_checkpoint_that_does_not_load_is_set_aside_there_too(runs, fallbacks):
+    root, log = runs["root"], fallbacks["remote"]
+    assert "checkpoint-00000016 cannot be loaded" in log and "checkpoint-00000008 (step 8" in log, log[-3000:]
+    assert "remote checkpoint checkpoint-00000016 set aside" in log
+    remote = root / "run-D" / "checkpoints"
+    assert len(list(remote.glob(f"checkpoint-00000016{UNLOADABLE_SUFFIX}*"))) == 1
+    # 16 at the run URI now is the one D2 trained anew; the damaged one is never fetched again.
+    assert remote_checkpoints(str(root / "run-D")) == {16: True, 24: True}
+    assert (root / "D2" / "output" / ADAPTER_FILE).read_bytes() == (
+        root / "A" / "output" / ADAPTER_FILE
+    ).read_bytes()
 
 
 def test_a_finished_run_is_not_redone(runs):

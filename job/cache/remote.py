@@ -32,6 +32,7 @@ from job.cache.report import WarmReport
 from job.cache.store import INDEX_NAME
 from job.context import JobContext
 from job.files import sha256_file
+from job.lease import fence
 from job.storage import join, storage_for
 from job.track.redact import redact
 
@@ -110,6 +111,7 @@ def upload_caches(ctx: JobContext, report: WarmReport) -> int:
     index_uri = join(uri, SHARD_INDEX)
     if not (report.vae_loaded or report.text_encoder_loaded) and storage.stat(index_uri) is not None:
         return 0
+    fence(f"cache shards in {redact(uri)}")  # a process that lost the run lease writes nothing more
     started = time.perf_counter()
     shards: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(dir=ctx.workdir.cache, prefix=".shards-") as temp:

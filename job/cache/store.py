@@ -11,6 +11,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# safetensors' save_file reaches numpy.ctypeslib through numpy's lazy module __getattr__. When writer
+# threads do that first at the same time, one can see the submodule in sys.modules before numpy has it as
+# an attribute and re-enter __getattr__ until RecursionError. Importing it here, on the main thread before
+# any writer pool starts, resolves the attribute once for every thread.
+import numpy.ctypeslib  # noqa: F401
 import torch
 from safetensors.torch import load_file, save_file
 

@@ -11,16 +11,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from job.config.loader import ResolvedConfig
 from job.config.paths import is_remote
 from job.data.location import is_fetched
-from job.errors import ExitCode, JobError, PermissionDeniedError
+from job.errors import ConfigError, ExitCode, JobError, PermissionDeniedError
 from job.fetch.datasets import dataset_uri
 from job.model.source import is_hub_repo_id
 from job.storage import parse_uri, storage_for
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,9 +38,32 @@ class Access:
     detail: str
     exit_code: int = int(ExitCode.OK)
     objects: list[str] | None = None  # what a listing found (census of data not fetched yet)
+    sizes: dict[str, int] | None = None  # bytes of each listed object (the disk estimate)
 
 
-def check_access(cfg: ResolvedConfig, run_uri: str | None) -> list[Access]:
+# What a command's access checks cover: the inputs it reads (datasets, base model), the run URI it writes,
+# the Hub repo it pushes to. ``check`` and ``run`` need all three; a stage run alone needs its own.
+AccessNeed = Literal["inputs", "run_uri", "hub"]
+EVERYTHING: frozenset[AccessNeed] = frozenset(("inputs", "run_uri", "hub"))
+
+
+def check_access(
+    cfg: ResolvedConfig, run_uri: str | None, needs: frozenset[AccessNeed] = EVERYTHING
+) -> list[Access]:
+    """The access checks for ``needs``, cheapest and most often failing first: the run URI and the Hub
+    token answer in one request each, a dataset listing may take many."""
+    results: list[Access] = []
+    if run_uri and "run_uri" in needs:
+        results.append(_writable_run_uri(run_uri))
+    job = cfg.job
+    if job.push_to_hub and job.hub_model_id and "hub" in needs:
+        results.append(_hub_writable("hub_model_id", job.hub_model_id))
+    if "inputs" in needs:
+        results += _inputs_readable(cfg)
+    return results
+
+
+def _inputs_readable(cfg: ResolvedConfig) -> list[Access]:
     results: list[Access] = []
     for dataset in cfg.datasets:
         if is_fetched(dataset) and dataset.type != "huggingface":
@@ -50,11 +80,6 @@ def check_access(cfg: ResolvedConfig, run_uri: str | None) -> list[Access]:
             )
             results.append(_readable(f"dataset {dataset.id!r}", uri, {}))
     results.append(_base_model(cfg))
-    if run_uri:
-        results.append(_writable_run_uri(run_uri))
-    job = cfg.job
-    if job.push_to_hub and job.hub_model_id:
-        results.append(_hub_writable("hub_model_id", job.hub_model_id))
     return results
 
 
@@ -65,7 +90,9 @@ def _readable(what: str, uri: str, options: dict[str, str | None]) -> Access:
         return Access(what, uri, False, exc.message, int(exc.exit_code))
     if not objects:
         return Access(what, uri, False, "readable, but nothing is there", int(ExitCode.BAD_CONFIG), [])
-    return Access(what, uri, True, f"readable: {len(objects)} objects", objects=[o.key for o in objects])
+    keys = [o.key for o in objects]
+    sizes = {o.key: o.size for o in objects}
+    return Access(what, uri, True, f"readable: {len(objects)} objects", objects=keys, sizes=sizes)
 
 
 def _base_model(cfg: ResolvedConfig) -> Access:
@@ -84,17 +111,21 @@ def _base_model(cfg: ResolvedConfig) -> Access:
         )
     uri = f"hf://{source}" + (f"@{job.revision}" if job.revision else "")
     try:
-        from huggingface_hub import HfApi
-
-        info = HfApi(endpoint=os.environ.get("HF_ENDPOINT")).model_info(source, revision=job.revision)
-    except Exception as exc:
-        return Access("base model", uri, False, _hub_problem(exc), _hub_exit_code(exc))
+        info = _hub(
+            uri, "read", lambda api: api.model_info(source, revision=job.revision, files_metadata=True)
+        )
+    except JobError as exc:
+        return Access("base model", uri, False, exc.message, int(exc.exit_code))
     gated = f", gated ({info.gated}): the token has access" if getattr(info, "gated", False) else ""
-    return Access("base model", uri, True, f"Hub repo visible at {str(info.sha)[:12]}{gated}")
+    sizes = {f.rfilename: f.size or 0 for f in info.siblings or []}
+    return Access("base model", uri, True, f"Hub repo visible at {str(info.sha)[:12]}{gated}", sizes=sizes)
 
 
 def _writable_run_uri(run_uri: str) -> Access:
-    uri = parse_uri(run_uri)
+    try:
+        uri = parse_uri(run_uri)
+    except ConfigError as exc:
+        return Access("run URI", run_uri, False, exc.message, int(exc.exit_code))
     if uri.scheme == "s3":
         try:
             from job.storage.s3 import S3Storage
@@ -122,29 +153,28 @@ def _local_writable(folder: Path) -> Access:
 
 
 def _hub_writable(what: str, repo_id: str, *, repo_type: str = "model", shown: str | None = None) -> Access:
-    from huggingface_hub import HfApi
+    from huggingface_hub import get_token
 
     shown = shown or repo_id
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
+    uri = f"hf://{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    no_token = "no usable Hub token (set HF_TOKEN)"
+    if not get_token():
+        return Access(what, shown, False, no_token, int(ExitCode.NO_PERMISSION))
     try:
-        me = api.whoami()
-    except Exception as exc:
-        code = _hub_exit_code(exc)
-        reason = (
-            "no usable Hub token (set HF_TOKEN)"
-            if code == ExitCode.NO_PERMISSION
-            else "the Hub did not answer"
-        )
-        return Access(what, shown, False, f"{reason}: {_hub_problem(exc)}", code)
+        me = _hub(uri, "check the token for", lambda api: api.whoami())
+    except PermissionDeniedError as exc:
+        return Access(what, shown, False, f"{no_token}: {exc.message}", int(exc.exit_code))
+    except JobError as exc:
+        return Access(what, shown, False, exc.message, int(exc.exit_code))
     token = (me.get("auth") or {}).get("accessToken") or {}
     role = token.get("role", "unknown")
     user = me.get("name", "?")
     if role == "read":
         return Access(what, shown, False, f"the token of {user!r} is read-only; use a write token", 4)
     try:
-        exists = api.repo_exists(repo_id, repo_type=repo_type)
-    except Exception as exc:
-        return Access(what, shown, False, _hub_problem(exc), _hub_exit_code(exc))
+        exists = _hub(uri, "look up", lambda api: api.repo_exists(repo_id, repo_type=repo_type))
+    except JobError as exc:
+        return Access(what, shown, False, exc.message, int(exc.exit_code))
     namespace = repo_id.split("/")[0]
     orgs = {org.get("name") for org in me.get("orgs") or []}
     if not exists and namespace != user and namespace not in orgs:
@@ -161,21 +191,9 @@ def _hub_writable(what: str, repo_id: str, *, repo_type: str = "model", shown: s
     return Access(what, shown, True, f"{state}; token of {user!r}, role {role}{scope}")
 
 
-def _hub_problem(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+def _hub(uri: str, action: str, ask: Callable[[HfApi], T]) -> T:
+    """One Hub API call with the Hub store's retries and exit codes: refused connections, DNS failures,
+    timeouts and 5xx/429 are retried, then 75; 401/403 and a missing token are 4; a missing repo is 2."""
+    from job.storage.hub import HubStorage
 
-
-def _hub_exit_code(exc: Exception) -> int:
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    if isinstance(exc, GatedRepoError | PermissionDeniedError):
-        return int(ExitCode.NO_PERMISSION)
-    if isinstance(exc, RepositoryNotFoundError):
-        return int(ExitCode.BAD_CONFIG)
-    if (
-        isinstance(exc, HfHubHTTPError)
-        and exc.response is not None
-        and exc.response.status_code in (401, 403)
-    ):
-        return int(ExitCode.NO_PERMISSION)
-    return int(ExitCode.TRANSIENT)
+    return HubStorage().call(uri, action, ask)

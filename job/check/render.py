@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from job.check.disk import describe_parts
 from job.check.estimate import GIB
+from job.oserrors import human_size
 
 if TYPE_CHECKING:
     from job.check.run import CheckReport
@@ -54,6 +56,12 @@ def render_text(report: CheckReport) -> str:
             f"optimizer state {_size(v.optimizer_bytes)}",
             f"  activations {_size(v.activation_bytes)}; CUDA context and allocator {_size(v.overhead_bytes)}",
         ]
+    if report.disk is not None:
+        d = report.disk
+        lines.append(
+            f"disk (estimate) in {d.workdir}: about {human_size(d.total_bytes)} ({describe_parts(d)}); "
+            f"{human_size(d.present_bytes)} already there, {human_size(d.free_bytes)} free"
+        )
     if report.estimates_note:
         lines.append(f"note: {report.estimates_note}")
     lines.append("")

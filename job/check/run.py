@@ -18,6 +18,7 @@ from typing import Any
 
 from job.check.access import Access, check_access
 from job.check.census import DatasetCensus, census
+from job.check.disk import DiskEstimate, disk_estimate, disk_problems
 from job.check.estimate import (
     CacheEstimate,
     VramEstimate,
@@ -27,12 +28,14 @@ from job.check.estimate import (
     transformer_config,
     vram_estimate,
 )
+from job.check.preflight import tracker_warnings
 from job.check.render import render_text
 from job.context import JobContext, open_context
 from job.data.buckets import StepShape
 from job.data.geometry import ModelGeometry, area_pixels
 from job.data.sampler import EpochSampler
 from job.errors import ConfigError, DataError, ExitCode, JobError, PermissionDeniedError, TransientError
+from job.recipe import RecipeChange, recipe_check
 
 # AuraFlow's VAE downsamples by 8 and its transformer patches by 2; a 96×96 patch grid.
 _AURAFLOW_GEOMETRY = ModelGeometry(alignment=16, max_patches=9216)
@@ -53,6 +56,7 @@ class CheckReport:
     epochs: float = 0.0
     cache: CacheEstimate | None = None
     vram: VramEstimate | None = None
+    disk: DiskEstimate | None = None
     estimates_note: str | None = None  # why an estimate is rough (data not fetched yet)
     problems: list[tuple[int, str]] = field(default_factory=list)  # (exit code, message)
 
@@ -88,13 +92,20 @@ class CheckReport:
                 "texts": self.cache.texts,
             },
             "vram": None if self.vram is None else self.vram.as_dict(),
+            "disk": None if self.disk is None else self.disk.as_dict(),
             "estimates_note": self.estimates_note,
             "problems": [{"exit_code": code, "message": message} for code, message in self.problems],
         }
 
 
 def check_command(
-    config_uri: str | None, workdir: str | Path, run_uri: str | None, overrides: list[str], *, as_json: bool
+    config_uri: str | None,
+    workdir: str | Path,
+    run_uri: str | None,
+    overrides: list[str],
+    *,
+    as_json: bool,
+    recipe_change: RecipeChange = "refuse",
 ) -> None:
     """Open the context and check it; with ``as_json`` even a config that does not load gives one object."""
     from job import stages
@@ -108,12 +119,14 @@ def check_command(
             problems = getattr(exc, "problems", [exc.message])
             print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "problems": problems}))
         raise
-    stages.check(ctx, as_json=as_json)
+    stages.check(ctx, as_json=as_json, recipe_change=recipe_change)
 
 
-def run_check(ctx: JobContext, *, as_json: bool = False) -> CheckReport:
+def run_check(
+    ctx: JobContext, *, as_json: bool = False, recipe_change: RecipeChange = "refuse"
+) -> CheckReport:
     """Print the report (text, or one JSON object); raise the ``JobError`` of its exit code, if any."""
-    report = build_report(ctx)
+    report = build_report(ctx, recipe_change)
     print(json.dumps(report.as_dict()) if as_json else render_text(report))
     code = report.exit_code
     if code:
@@ -128,7 +141,7 @@ def run_check(ctx: JobContext, *, as_json: bool = False) -> CheckReport:
     return report
 
 
-def build_report(ctx: JobContext) -> CheckReport:
+def build_report(ctx: JobContext, recipe_change: RecipeChange = "refuse") -> CheckReport:
     from job.cache.plan import check_config
     from job.model.components import model_geometry
     from job.model.source import local_model_path
@@ -157,6 +170,14 @@ def build_report(ctx: JobContext) -> CheckReport:
     report.access = check_access(cfg, ctx.run_uri)
     report.problems += [(a.exit_code, f"{a.what} ({a.uri}): {a.detail}") for a in report.access if not a.ok]
     listings = {a.what: a.objects for a in report.access if a.objects is not None}
+    try:
+        stale = recipe_check(cfg, ctx.run_uri, ctx.workdir, recipe_change)
+    except JobError as exc:
+        report.problems.append((int(exc.exit_code), f"recipe record: {exc.message}"))
+    else:
+        if stale:
+            report.problems.append((int(ExitCode.BAD_CONFIG), stale))
+    report.warnings += tracker_warnings(cfg)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, world_size)
@@ -166,6 +187,8 @@ def build_report(ctx: JobContext) -> CheckReport:
     ]
     report.problems += [(int(ExitCode.BAD_DATA), d.problem) for d in report.datasets if d.problem]
     _estimate(ctx, report, model_folder, world_size)
+    report.disk = disk_estimate(cfg, ctx.workdir, report.access, report.cache, report.vram, report.steps)
+    report.problems += disk_problems(report.disk)
     return report
 
 

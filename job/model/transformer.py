@@ -14,6 +14,7 @@ import torch
 
 from job.config.schema import JobConfig
 from job.errors import ConfigError
+from job.oserrors import map_os_error
 
 if TYPE_CHECKING:
     from diffusers import AuraFlowTransformer2DModel
@@ -37,6 +38,9 @@ def load_transformer(folder: str | Path, *, dtype: torch.dtype | None = None) ->
             folder, subfolder=None if own else "transformer", torch_dtype=dtype, local_files_only=True
         )
     except OSError as exc:
+        # diffusers reports a missing model and an unreadable file alike; the latter is access (exit 4).
+        if (refused := map_os_error(exc, None)) is not None:
+            raise refused from exc
         raise ConfigError(
             f"pretrained_model_name_or_path: cannot load the AuraFlow transformer from {folder}: {exc}. "
             "Point it at a diffusers AuraFlow folder or repo id (run lokr-job fetch for a remote one)"

@@ -15,6 +15,7 @@ from pathlib import Path
 from job.config.loader import ResolvedConfig
 from job.context import JobContext
 from job.errors import ConfigError, TransientError
+from job.lease import fence
 from job.publish.bundle import assemble_hub_folder, require_trained, trained_step
 from job.storage import join, storage_for
 from job.workdir import WorkDir
@@ -38,6 +39,7 @@ def publish_output(ctx: JobContext) -> None:
     require_trained(output, job.model_type)
     if ctx.run_uri:
         target = join(ctx.run_uri, "output")
+        fence(target)
         report = storage_for(target).upload_folder(
             output, target, commit_message="lokr-job: training output", progress=True
         )

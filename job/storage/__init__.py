@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from job.storage.base import ObjectInfo, Storage, TransferReport
+from job.storage.base import ObjectInfo, Storage, TransferReport, Versioned
 from job.storage.uri import URI, Location, is_remote, join, name, parent, parse_uri
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ObjectInfo",
     "Storage",
     "TransferReport",
+    "Versioned",
     "is_remote",
     "join",
     "name",

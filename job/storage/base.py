@@ -39,6 +39,15 @@ class TransferReport:
         )
 
 
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the token ``replace_if`` compares against: the S3 ETag, the Hub commit the
+    object was read at, or the sha256 of a local file's contents."""
+
+    data: bytes
+    version: str
+
+
 @runtime_checkable
 class Storage(Protocol):
     """A place objects live. URIs may be strings or parsed ``URI``s; prefixes have folder semantics
@@ -97,4 +106,20 @@ class Storage(Protocol):
 
     def delete(self, uri: Location) -> None:
         """Delete the object at ``uri`` and everything under ``uri/``. Missing is fine; the root is refused."""
+        ...
+
+    # Conditional writes, for the run lease (job/lease.py) only: each is one atomic step of the store itself,
+    # so two processes racing for the same object cannot both win.
+
+    def read_versioned(self, uri: Location) -> Versioned | None:
+        """The object's bytes with its version token, or None if there is none."""
+        ...
+
+    def create_exclusive(self, uri: Location, data: bytes) -> bool:
+        """Write ``data`` only if no object is at ``uri``; False (nothing written) if one is."""
+        ...
+
+    def replace_if(self, uri: Location, data: bytes, version: str) -> bool:
+        """Write ``data`` only if the object is still at ``version``; False (nothing written) if it changed
+        or is gone."""
         ...

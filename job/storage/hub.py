@@ -27,6 +27,7 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -34,13 +35,16 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from job.errors import ConfigError, JobError, PermissionDeniedError
+from job.errors import ConfigError, JobError, PermissionDeniedError, TransientError
 from job.storage import retry
-from job.storage.base import ObjectInfo, TransferReport
+from job.storage.base import ObjectInfo, TransferReport, Versioned
 from job.storage.sync import STAGING_NAME, Manifest, iter_upload_files, plan_download, progress_bar
 from job.storage.uri import URI, Location, parse_uri
 
 T = TypeVar("T")
+# How often create_exclusive re-reads the repo when unrelated commits keep landing between its read and
+# its commit (each attempt is one round of requests; a checkpoint commit takes seconds, not minutes).
+_CREATE_ATTEMPTS = 8
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -104,6 +108,8 @@ class HubStorage:
         repo = f"{uri.repo_type} repo '{uri.repo_id}'"
 
         def classify(exc: BaseException) -> JobError | retry.Retryable | None:
+            if isinstance(exc, LocalTokenNotFoundError):
+                return PermissionDeniedError(f"no usable Hub token (set HF_TOKEN) to {action} {uri}")
             if isinstance(exc, HfHubHTTPError):
                 status = exc.response.status_code if exc.response is not None else 0
                 if status in (401, 403) or isinstance(exc, GatedRepoError | DisabledRepoError):
@@ -133,6 +139,12 @@ class HubStorage:
 
     def _call(self, uri: URI, action: str, fn: Callable[[], T]) -> T:
         return retry.call(fn, what=f"{action} {uri}", classify=self._classifier(uri, action))
+
+    def call(self, uri: Location, action: str, fn: Callable[[HfApi], T]) -> T:
+        """One huggingface_hub API call (``fn`` gets the client) with this store's retries and exit codes,
+        for what no storage method asks (``lokr-job check``: whoami, model_info, repo_exists)."""
+        api = self._api()
+        return self._call(self._hf_uri(uri), action, lambda: fn(api))
 
     def _ensure_repo(self, uri: URI) -> None:
         key = (uri.repo_type, uri.repo_id)
@@ -442,6 +454,75 @@ class HubStorage:
             ),
         )
         return TransferReport(transferred=len(files), bytes=sum(p.stat().st_size for _, p in files))
+
+    # -- conditional writes (the run lease) ------------------------------------------------------------
+    # A repo has one version, its head commit: a file is "unchanged" when no commit at all has landed since
+    # it was read, and a commit made with parent_commit fails with 412 otherwise. A commit by the same
+    # process (a checkpoint) therefore also counts as a change; the lease re-reads and tries again.
+
+    def read_versioned(self, uri: Location) -> Versioned | None:
+        parsed = self._hf_uri(uri)
+        self._file_path(parsed)
+        try:
+            sha = self.resolve_revision(parsed)
+        except ConfigError:
+            if not self._repo_exists(parsed):
+                return None  # a run URI in a repo not made yet: create_exclusive makes it
+            raise
+        pinned = replace(parsed, revision=sha)
+        if self.stat(pinned) is None:
+            return None
+        return Versioned(self.read_bytes(pinned), sha)
+
+    def _repo_exists(self, uri: URI) -> bool:
+        return self._call(
+            uri,
+            "look for",
+            lambda: self._api().repo_exists(uri.repo_id, repo_type=uri.repo_type),
+        )
+
+    def create_exclusive(self, uri: Location, data: bytes) -> bool:
+        parsed = self._hf_uri(uri)
+        self._file_path(parsed)
+        self._ensure_repo(parsed)
+        for _ in range(_CREATE_ATTEMPTS):
+            sha = self.resolve_revision(parsed)
+            if self.stat(replace(parsed, revision=sha)) is not None:
+                return False
+            if self._commit_on(parsed, data, sha):
+                return True
+            # Some commit landed in between: look again whether it made the file.
+        raise TransientError(
+            f"{parsed}: the repo kept changing while creating this file ({_CREATE_ATTEMPTS} attempts); run again"
+        )
+
+    def replace_if(self, uri: Location, data: bytes, version: str) -> bool:
+        parsed = self._hf_uri(uri)
+        self._file_path(parsed)
+        return self._commit_on(parsed, data, version)
+
+    def _commit_on(self, uri: URI, data: bytes, parent: str) -> bool:
+        """One commit of ``data`` at ``uri`` whose parent must be ``parent``; False if the head moved."""
+        path = self._file_path(uri)
+
+        def commit() -> bool:
+            try:
+                self._api().create_commit(
+                    uri.repo_id,
+                    [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)],
+                    commit_message=f"lokr-job: {path}",
+                    repo_type=uri.repo_type,
+                    revision=uri.revision,
+                    parent_commit=parent,
+                )
+            except HfHubHTTPError as exc:
+                # 412 is the answer to a stale parent commit (the classifier would call it a refusal).
+                if exc.response is not None and exc.response.status_code == 412:
+                    return False
+                raise
+            return True
+
+        return self._call(uri, "write", commit)
 
     def delete(self, uri: Location) -> None:
         parsed = self._hf_uri(uri)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from job.errors import ConfigError, PermissionDeniedError
-from job.storage.base import ObjectInfo, TransferReport
+from job.files import write_bytes_atomic
+from job.storage.base import ObjectInfo, TransferReport, Versioned
 from job.storage.sync import (
     Manifest,
     atomic_write_bytes,
@@ -51,6 +54,27 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _guarded(path: Path, operation: int) -> Iterator[None]:
+    """Hold ``fcntl.flock`` on ``<path>.lock`` (a sidecar: the object itself is replaced by rename, which a
+    lock on it would not survive): shared to read, exclusive to write, so check-then-write is atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _versioned(path: Path) -> Versioned | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return Versioned(data, hashlib.sha256(data).hexdigest())
 
 
 class LocalStorage:
@@ -152,3 +176,33 @@ class LocalStorage:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+    def read_versioned(self, uri: Location) -> Versioned | None:
+        path = _path(uri)
+        if not path.exists():
+            return None
+        with _os_errors(f"cannot read {path}"), _guarded(path, fcntl.LOCK_SH):
+            return _versioned(path)
+
+    def create_exclusive(self, uri: Location, data: bytes) -> bool:
+        path = _path(uri)
+        with _os_errors(f"cannot create {path}"), _guarded(path, fcntl.LOCK_EX):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                return False
+            # Readers take the shared lock, so none sees the file before it is whole.
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        return True
+
+    def replace_if(self, uri: Location, data: bytes, version: str) -> bool:
+        path = _path(uri)
+        with _os_errors(f"cannot replace {path}"), _guarded(path, fcntl.LOCK_EX):
+            current = _versioned(path)
+            if current is None or current.version != version:
+                return False
+            write_bytes_atomic(path, data, durable=True)
+        return True

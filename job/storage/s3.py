@@ -26,12 +26,14 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ResponseStreamingError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 from s3transfer.subscribers import BaseSubscriber
 
 from job.errors import ConfigError, JobError, PermissionDeniedError, TransientError
+from job.oserrors import writing
 from job.storage import retry
-from job.storage.base import ObjectInfo, TransferReport
+from job.storage.base import ObjectInfo, TransferReport, Versioned
 from job.storage.sync import (
     Manifest,
     iter_upload_files,
@@ -65,6 +67,7 @@ _RETRY_CODES = {
     "500",
 }
 _MISSING = object()
+_REACH_BUCKET = "reach the bucket of"
 
 
 class _KnownObject(BaseSubscriber):
@@ -144,8 +147,15 @@ class S3Storage:
                 )
             if isinstance(exc, ClientError):
                 return self._classify_client_error(exc, uri, action)
+            # BotoConnectionError: refused, DNS, connect timeouts, proxies (EndpointConnectionError and
+            # kin); HTTPClientError: read timeouts and connections dropped mid-answer.
             if isinstance(
-                exc, HTTPClientError | IncompleteReadError | ResponseStreamingError | RetriesExceededError
+                exc,
+                BotoConnectionError
+                | HTTPClientError
+                | IncompleteReadError
+                | ResponseStreamingError
+                | RetriesExceededError,
             ):
                 return retry.Retryable(exc)
             return None
@@ -164,7 +174,7 @@ class S3Storage:
                 f"access denied to S3 bucket '{uri.bucket}' trying to {action} {uri} ({code or status}); "
                 f"AWS credentials in use: {self._credential_source()}"
             )
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (status == 404 and action == _REACH_BUCKET):  # HEAD has no error body
             return ConfigError(f"S3 bucket '{uri.bucket}' does not exist (needed to {action} {uri})")
         if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
             return ConfigError(f"{uri} does not exist (trying to {action} it)")
@@ -298,7 +308,8 @@ class S3Storage:
             # rename ours over the final name, so the final name only ever holds a whole object.
             tmp = part_path(target)
             try:
-                manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
+                with writing(target, info.size):
+                    manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -363,6 +374,53 @@ class S3Storage:
             self._run_all([lambda r=r, p=p: self._put(manager, p, uri.join(r), bar) for r, p in files])
         return TransferReport(transferred=len(files), bytes=total)
 
+    # -- conditional writes (the run lease) ------------------------------------------------------------
+
+    def read_versioned(self, uri: Location) -> Versioned | None:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+
+        def get() -> Versioned | None:
+            try:
+                answer = self._s3().get_object(Bucket=parsed.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
+                    return None
+                raise
+            # The ETag exactly as S3 sent it (quoted): If-Match compares it verbatim.
+            return Versioned(answer["Body"].read(), str(answer["ETag"]))
+
+        return self._call(parsed, "read", get)
+
+    def create_exclusive(self, uri: Location, data: bytes) -> bool:
+        return self._put_conditional(uri, data, IfNoneMatch="*")
+
+    def replace_if(self, uri: Location, data: bytes, version: str) -> bool:
+        return self._put_conditional(uri, data, IfMatch=version)
+
+    def _put_conditional(self, uri: Location, data: bytes, **condition: str) -> bool:
+        parsed = self._s3_uri(uri)
+        key = self._object_key(parsed)
+
+        def put() -> bool:
+            try:
+                self._s3().put_object(Bucket=parsed.bucket, Key=key, Body=data, **condition)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                # 412: the condition failed (another writer won); for If-Match, a deleted object is a 404.
+                # The classifier reads a 412 as "changed during a download", so it is answered here.
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if "IfMatch" in condition and code == "NoSuchKey":
+                    return False
+                if status == 409 and code == "ConditionalRequestConflict":
+                    raise retry.Retryable(exc) from exc  # two conditional writes at once: S3 asks for a retry
+                raise
+            return True
+
+        return self._call(parsed, "write", put)
+
     def check_writable(self, prefix: Location) -> None:
         """Prove write access under ``prefix`` without leaving an object behind (``lokr-job check``).
 
@@ -373,7 +431,7 @@ class S3Storage:
         parsed = self._s3_uri(prefix)
         key = f"{parsed.path}/.lokr-check" if parsed.path else ".lokr-check"
         client = self._s3()
-        self._call(parsed, "reach the bucket of", lambda: client.head_bucket(Bucket=parsed.bucket))
+        self._call(parsed, _REACH_BUCKET, lambda: client.head_bucket(Bucket=parsed.bucket))
         upload = self._call(
             parsed,
             "check write access to",

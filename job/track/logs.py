@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -134,3 +135,19 @@ def adopt_library_loggers() -> None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def log_thread_deaths() -> None:
+    """A worker thread that dies (TensorBoard's event writer on a read-only disk) becomes one warning line,
+    its traceback at debug level. Whoever waits on the thread meets the failure and decides what it means
+    (a tracker is switched off); Python's default hook would print the traceback to the user."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "a thread"
+        log = logging.getLogger("lokr")
+        log.warning("%s stopped: %s: %s", name, args.exc_type.__name__, args.exc_value)
+        log.debug("%s traceback", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = hook

@@ -2,7 +2,8 @@
 
 A checkpoint is written into a hidden temporary folder, every file fsynced, the marker (each file's size and
 sha256) written last, then the folder renamed into place. A folder whose marker is missing or does not match
-its files is never loaded: ``latest`` warns and falls back to the previous complete one.
+its files is never loaded: ``latest`` warns and falls back to the previous complete one. A complete one whose
+contents fail to load is renamed aside (``set_aside``) by the resume, which then tries the one before.
 What goes *into* a checkpoint is ``state.py``'s business; this module only needs a writer callback.
 """
 
@@ -15,6 +16,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from job.errors import ConfigError
@@ -26,6 +28,7 @@ MARKER = "COMPLETE"
 MARKER_FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TEMP_PREFIX = ".checkpoint-"
+UNLOADABLE_SUFFIX = ".unloadable-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,6 +124,20 @@ def latest_complete(root: Path) -> Path | None:
             return path
         log.warning("checkpoint %s is not usable: %s; falling back to the one before", path, problem)
     return None
+
+
+def set_aside(path: Path, reason: str) -> Path | None:
+    """Rename a complete checkpoint that failed to load to ``<name>.unloadable-<UTC time>``: kept for
+    inspection, and no longer a ``checkpoint-<step>`` name, so neither ``latest`` nor rotation sees it again.
+    Return the new path, or None when another process (sharing the folder) moved it first."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = path.with_name(f"{path.name}{UNLOADABLE_SUFFIX}{stamp}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    log.warning("checkpoint %s cannot be loaded: %s; set aside as %s", path.name, reason, aside.name)
+    return aside
 
 
 def resolve_resume(root: Path, setting: str | None) -> Path | None:

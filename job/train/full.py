@@ -125,7 +125,10 @@ def build_full_rank_trainer(
 
     _require_shared_checkpoints(accelerator, workdir.checkpoints)
     resumed = resume_state(
-        ctx, total, lambda folder: load_full_rank_state(folder, objects, accelerator, config_hash=config.hash)
+        ctx,
+        total,
+        lambda folder: load_full_rank_state(folder, objects, accelerator, config_hash=config.hash),
+        load_is_atomic=False,  # DeepSpeed's load_state may fail half-way
     )
     checkpointer = Checkpointer(
         workdir.checkpoints,
@@ -207,10 +210,10 @@ def load_full_rank_state(
             f"{accelerator.num_processes}: run with {written_by} processes to continue it, or set "
             "resume_from_checkpoint none to start over"
         )
+    # Read before load_state changes the engine: a damaged file is found while nothing has changed yet.
+    scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
     accelerator.load_state(str(folder))
-    objects.scheduler.load_state_dict(
-        torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-    )
+    objects.scheduler.load_state_dict(scheduler)
     return state
 
 

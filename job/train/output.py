@@ -113,13 +113,14 @@ def _write_result(
     write_atomic(output_dir / RESULT_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
 
 
-def is_finished(output_dir: Path, *, config_hash: str, step: int) -> bool:
-    """True when ``output_dir`` holds this config's weights trained to ``step``, files intact."""
+def is_finished(output_dir: Path, *, config_hash: str, step: int | None) -> bool:
+    """True when ``output_dir`` holds this config's weights trained to ``step`` (None: to the end the
+    recipe sets, which its hash covers), files intact."""
     try:
         record = json.loads((output_dir / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if record.get("config_hash") != config_hash or record.get("step") != step:
+    if record.get("config_hash") != config_hash or (step is not None and record.get("step") != step):
         return False
     files = record.get("files", {})
     return bool(files) and all(

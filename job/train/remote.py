@@ -24,6 +24,7 @@ from pathlib import Path
 
 from job import distributed
 from job.context import JobContext
+from job.lease import fence
 from job.storage import join, parse_uri, storage_for
 from job.track.redact import redact
 from job.track.status import StatusReporter, active
@@ -62,9 +63,31 @@ def remote_checkpoints(run_uri: str) -> dict[int, bool]:
     return found
 
 
+def set_aside_remote(run_uri: str, local_aside: Path, step: int) -> None:
+    """A checkpoint that failed to load here, already set aside locally as ``local_aside``: when the run URI
+    holds the same one (the same marker, so the same bytes), move it aside there too, so that no machine
+    downloads it again. The store has no rename: the local copy goes up under the set-aside name (outside
+    the ``checkpoint-<step>`` names, like the local one, and kept for inspection), then the original goes."""
+    storage = storage_for(run_uri)
+    original = join(remote_root(run_uri), checkpoint_name(step))
+    marker = join(original, MARKER)
+    if storage.stat(marker) is None or storage.read_bytes(marker) != (local_aside / MARKER).read_bytes():
+        return  # not there, or another copy: that one gets its own chance to load
+    fence(f"setting aside checkpoint {checkpoint_name(step)}")
+    aside = join(remote_root(run_uri), local_aside.name)
+    storage.upload_folder(
+        local_aside, aside, commit_message=f"lokr-job: set aside {local_aside.name}", progress=False
+    )
+    storage.delete(marker)  # first: a reader never finds the original complete while it is being deleted
+    storage.delete(original)
+    log.warning("remote checkpoint %s set aside as %s", checkpoint_name(step), redact(aside))
+
+
 def download_newer_checkpoint(run_uri: str, local_root: Path) -> Path | None:
     """Bring the newest complete remote checkpoint into ``local_root`` when it is newer than every complete
-    local one (a fresh machine, or a local disk that fell behind). Return it, or None when local is current."""
+    local one (a fresh machine, or a local disk that fell behind). Return it, or None when local is current.
+    One that then fails to load is moved aside on both sides (``set_aside_remote``), so it is never fetched
+    again: remembering it locally would not reach the next machine."""
     local = latest_complete(local_root)
     local_step = checkpoint_step(local) if local is not None else -1
     storage = storage_for(run_uri)
@@ -192,6 +215,7 @@ class CheckpointUploader:
         target = join(remote_root(self.run_uri), name)
         storage = storage_for(self.run_uri)
         marker = staging / MARKER
+        fence(f"checkpoint {name}")  # a process that lost the run lease uploads nothing more
         if self.is_hub:
             storage.upload_folder(staging, target, commit_message=f"lokr-job: {name}", progress=False)
         else:
@@ -199,6 +223,7 @@ class CheckpointUploader:
             held = staging.with_name(staging.name + "." + MARKER)
             os.replace(marker, held)
             storage.upload_folder(staging, target, progress=False)
+            fence(f"the marker of checkpoint {name}")  # still ours after a long upload?
             rotate_remote(self.run_uri, self.total_limit, incoming=True)
             storage.upload_file(held, join(target, MARKER))
             held.unlink()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -123,6 +124,9 @@ def read_state_record(
 ) -> tuple[TrainState, dict[str, Any]]:
     """The position ``trainer_state.json`` records, and the record; differences from this run are warned."""
     record = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    position = {key: record.get(key) for key in ("step", "epoch", "batch_index")}
+    if not all(isinstance(value, int) and value >= 0 for value in position.values()):
+        raise ValueError(f"{STATE_FILE} does not hold a position: {position}")
     _warn_on_differences(folder, record, config_hash, world_size)
     return TrainState(step=record["step"], epoch=record["epoch"], batch_index=record["batch_index"]), record
 
@@ -130,39 +134,70 @@ def read_state_record(
 def load_training_state(
     folder: Path, objects: TrainingObjects, *, config_hash: str, world_size: int
 ) -> TrainState:
-    """Restore every object from ``folder`` and return the position to continue from."""
+    """Restore every object from ``folder`` and return the position to continue from.
+
+    Every file is read and checked against the objects before any object changes: a checkpoint that fails
+    to load (``ConfigError`` for one this config cannot continue, anything else for damaged contents) leaves
+    them as they were, for the caller to try an older one or start fresh.
+    """
     from safetensors.torch import load_file
 
-    state, _ = read_state_record(folder, config_hash=config_hash, world_size=world_size)
+    state, record = read_state_record(folder, config_hash=config_hash, world_size=world_size)
     adapter = load_file(str(folder / ADAPTER_FILE))
-    _load_adapter(objects.network, adapter, folder)
+    _check_adapter(objects.network, adapter, folder, same_recipe=record.get("config_hash") == config_hash)
+    ema = None
     if objects.ema is not None:
         if not (folder / EMA_FILE).is_file():
             raise ConfigError(
                 f"use_ema is on but checkpoint {folder} has no EMA state (it was trained without EMA); "
                 "set use_ema false to continue it, or resume_from_checkpoint none to start over"
             )
-        objects.ema.load_state_dict(load_file(str(folder / EMA_FILE)))
-    objects.optimizer.load_state_dict(
-        torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    )
-    objects.scheduler.load_state_dict(
-        torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-    )
-    _restore_rng(torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True))
+        ema = load_file(str(folder / EMA_FILE))
+        _check_shapes(objects.ema.state_dict(), ema, EMA_FILE)
+    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+    if set(scheduler) != set(objects.scheduler.state_dict()):
+        # load_state_dict would take any dict silently.
+        raise ValueError(f"{SCHEDULER_FILE} holds {sorted(scheduler)}, not this schedule's fields")
+    restore_rng = _rng_restorer(torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True))
+    # The optimizer checks its groups before it changes anything: first, so its refusal changes nothing.
+    objects.optimizer.load_state_dict(optimizer)
+    objects.network.load_state_dict(adapter, strict=True)
+    if objects.ema is not None and ema is not None:
+        objects.ema.load_state_dict(ema)
+    objects.scheduler.load_state_dict(scheduler)
+    restore_rng()
     return state
 
 
-def _load_adapter(network: LycorisNetwork, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = set(network.state_dict())
-    if set(tensors) != expected:
-        missing = sorted(expected - set(tensors))[:3]
-        unexpected = sorted(set(tensors) - expected)[:3]
+def _check_adapter(
+    network: LycorisNetwork, tensors: dict[str, torch.Tensor], folder: Path, *, same_recipe: bool
+) -> None:
+    expected = network.state_dict()
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))[:3]
+        unexpected = sorted(set(tensors) - set(expected))[:3]
         raise ConfigError(
             f"checkpoint {folder} holds a different LoKr layout (missing {missing}, unexpected {unexpected}); "
             "lycoris_config changed since it was written: restore it, or set resume_from_checkpoint none"
         )
-    network.load_state_dict(tensors, strict=True)
+    try:
+        _check_shapes(expected, tensors, ADAPTER_FILE)
+    except ValueError as exc:
+        if same_recipe:
+            raise  # written under this very config: the file is damaged
+        raise ConfigError(
+            f"checkpoint {folder} holds a different LoKr layout ({exc}); lycoris_config changed since it was "
+            "written: restore it, or set resume_from_checkpoint none"
+        ) from exc
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
+    for name, tensor in expected.items():
+        if name not in got:
+            raise ValueError(f"{what} lacks {name}")
+        if got[name].shape != tensor.shape:
+            raise ValueError(f"{what}: {name} is {tuple(got[name].shape)}, expected {tuple(tensor.shape)}")
 
 
 def _warn_on_differences(folder: Path, record: dict[str, Any], config_hash: str, world_size: int) -> None:
@@ -202,11 +237,23 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def _rng_restorer(state: dict[str, Any]) -> Callable[[], None]:
+    """Check ``state`` on scratch generators (a damaged one raises here, before anything changed); return
+    what puts it into the process's generators."""
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    python_state = (version, tuple(internal), gauss)
+    random.Random().setstate(python_state)
     kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached)
+    np.random.RandomState().set_state(numpy_state)
+    torch.Generator().set_state(state["torch"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+
+    def restore() -> None:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(state["torch"])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return restore

@@ -112,6 +112,9 @@ def hub(
 ) -> Iterator[HubServer]:
     home = tmp_path_factory.mktemp("hub")  # not tmp_path: tests use that as their download target
     server = HubServer(home / "data", token=HUB_TOKEN).start()
+    # The token's user may push to the "someone" organisation, where the tests' repos live: run and publish
+    # check the namespace before they spend anything.
+    server.orgs = ["someone"]
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
