@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from job.errors import ConfigError
+from job.model.flavours import DEFAULT_FLAVOUR, FLAVOUR_REPOS, flavour_of, token_limit
 from job.publish.card import ADAPTER_FILENAME
 from job.track.logs import adopt_library_loggers
 from job.track.progress import Progress
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     import torch
     from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
 
+    from job.config.schema import JobConfig
     from job.context import JobContext
 
 log = logging.getLogger("lokr.infer")
@@ -38,8 +40,7 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_SIZE = 1024
 DEFAULT_SEED = 42
-# AuraFlowPipeline's own default; with a config, prompts are padded to the training length instead.
-DEFAULT_MAX_SEQUENCE_LENGTH = 256
+_SIZE_KEY = "infer --width/--height"
 
 
 def infer(
@@ -57,7 +58,7 @@ def infer(
     seed: int = DEFAULT_SEED,
     int8: bool = False,
     negative_prompt: str = "",
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    max_sequence_length: int = token_limit(DEFAULT_FLAVOUR),
 ) -> list[Path]:
     """Write one PNG per prompt to ``out_dir`` and return their paths.
 
@@ -70,12 +71,21 @@ def infer(
     """
     import torch
 
+    from job.check.sizes import require_render_size
+    from job.model.components import pipeline_geometry, source_geometry
+
     if adapter is not None and transformer is not None:
         raise ConfigError("infer: give a LoKr adapter or a full-rank transformer, not both")
+    # A local folder or a flavour's repo tells its positional grid before minutes of loading; the loaded
+    # transformer (perhaps a full-rank one) is checked again before anything renders.
+    known = source_geometry(str(base_model))
+    if known is not None:
+        require_render_size(width, height, known, _SIZE_KEY)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = _load_pipeline(
         str(base_model), torch.bfloat16 if device == "cuda" else torch.float32, transformer
     )
+    require_render_size(width, height, pipeline_geometry(pipeline), _SIZE_KEY)
     if adapter is not None:
         _merge_adapter(pipeline, adapter, scale)
     if int8:
@@ -247,6 +257,13 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REPO|PATH",
         help="Hub repo id or local diffusers folder (default with --config: the config's model)",
     )
+    parser.add_argument(
+        "--model-flavour",
+        choices=sorted(FLAVOUR_REPOS),
+        help="without --config, the base model's flavour: prompts are padded to the length training used, "
+        f"{token_limit(DEFAULT_FLAVOUR)} tokens, {token_limit('pony')} for pony (default: the flavour whose "
+        f"Hub repo --base-model names, else {DEFAULT_FLAVOUR})",
+    )
 
 
 def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
@@ -277,7 +294,7 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
         seed=_first(args.seed, job.validation_seed if job else DEFAULT_SEED),
         int8=args.int8,
         negative_prompt=_first(args.negative_prompt, job.validation_negative_prompt if job else ""),
-        max_sequence_length=job.max_token_length if job else DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length=_token_limit(args, job, base_model),
     )
     for path in paths:
         print(path)
@@ -307,6 +324,19 @@ def _trained_weights(
     if args.scale is not None:
         raise ConfigError("infer: --scale is a LoKr adapter's strength; a full-rank fine-tune has none")
     return None, args.transformer or output
+
+
+def _token_limit(args: argparse.Namespace, job: JobConfig | None, base_model: str | Path) -> int:
+    """Prompts are padded to the length training used: the config's, else the flavour's (training's
+    default when ``tokenizer_max_length`` is unset), not the pipeline's own 256."""
+    if job is None:
+        return token_limit(args.model_flavour or flavour_of(str(base_model)))
+    if args.model_flavour is not None:
+        raise ConfigError(
+            "infer: --model-flavour is for infer without --config; with one, the config's model_flavour and "
+            "tokenizer_max_length set the prompt length"
+        )
+    return job.max_token_length
 
 
 def _fetched_model(ctx: JobContext) -> str:

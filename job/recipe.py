@@ -40,7 +40,7 @@ RecipeChange = Literal["refuse", "new-run", "continue"]
 RECIPE_CHANGES: tuple[RecipeChange, ...] = ("refuse", "new-run", "continue")
 _SHOWN_DIFFERENCES = 12
 # Changing only how long a run trains continues it (train on to the new end), as SimpleTuner does.
-LENGTH_KEYS = frozenset({"max_train_steps", "num_train_epochs"})
+LENGTH_KEYS = frozenset({"max_train_steps", "num_train_epochs", "strict_epoch_limit"})
 
 
 def recipe_record(cfg: ResolvedConfig, previous: list[str] | None = None) -> dict[str, Any]:

@@ -28,16 +28,32 @@ def check(ctx: JobContext, *, as_json: bool = False, recipe_change: RecipeChange
 CLAIMING = ("run", "train", "publish")
 
 
+# The commands that spend compute on a config's sizes: refused ones are found before anything is fetched.
+SIZED = ("run", "fetch", "warm", "train")
+
+
 def preflight(ctx: JobContext, command: str) -> None:
-    """The access checks ``check`` makes, for what ``command`` needs, before anything is spent."""
+    """The size and access checks ``check`` makes, for what ``command`` needs, before anything is spent."""
     from job.check.preflight import preflight as check_access_for
 
+    if command in SIZED:
+        require_model_sizes(ctx)
     if command == "publish":
         from job.publish.bundle import require_trained
 
         # Nothing to publish is found on the local disk, before any request is made.
         require_trained(ctx.workdir.output, ctx.config.job.model_type)
     distributed.once(lambda: check_access_for(ctx.config, ctx.run_uri, command))
+
+
+def require_model_sizes(ctx: JobContext) -> None:
+    """Every size of the config against the model's positional grid: the fetched model's own, or its
+    flavour's before it is fetched."""
+    from job.check.sizes import require_sizes_fit
+    from job.model.components import fetched_model_folder, job_geometry
+
+    job = ctx.config.job
+    require_sizes_fit(ctx.config, job_geometry(job, fetched_model_folder(job, ctx.workdir)))
 
 
 def claim(ctx: JobContext, command: str, recipe_change: RecipeChange) -> None:
@@ -83,6 +99,9 @@ def train(ctx: JobContext) -> None:
     def should_stop() -> bool:
         # A signal, or the run lease lost to another process (which then owns the run URI's checkpoints).
         return stop_requested() or lease.lost()
+
+    # In a run, preflight sized the config by the flavour's grid; the fetched model's own decides now.
+    require_model_sizes(ctx)
 
     # Resumes from the run URI's newest checkpoint when it is newer, uploads each new one in the background.
     with durable_checkpoints(ctx) as hooks:

@@ -92,6 +92,8 @@ JOB_CONFIG: dict[str, Any] = {
     "seed": 42,
     "resolution": 64,
     "resolution_type": "pixel_area",
+    # At 64 px SimpleTuner's 64 px alignment makes every bucket square; 16 px keeps the aspect buckets.
+    "aspect_bucket_alignment": 16,
     "validation_resolution": "64x64",
     "validation_num_inference_steps": "2",
     # Far past max_train_steps: validation stays off unless asked for.

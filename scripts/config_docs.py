@@ -31,6 +31,10 @@ def _counts(table: dict[str, Option]) -> str:
     return ", ".join(f"{counts[d]} {LABELS[d]}" for d in LABELS)
 
 
+def _inverted(option: Option) -> str:
+    return " (inverted: true reads as false)" if option.negate else ""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -42,7 +46,7 @@ def _file_section(title: str, table: dict[str, Option]) -> list[str]:
     lines = [f"### {title}", "", f"{len(table)} names: {_counts(table)}.", ""]
     lines += ["**Acted on** (see the tables above): " + _names(by_kind["acted_on"]) + ".", ""]
     lines += ["| Older name | Read as |", "|---|---|"]
-    lines += [f"| `{o.name}` | `{o.of}` |" for o in by_kind["alias"]]
+    lines += [f"| `{o.name}` | `{o.of}`{_inverted(o)} |" for o in by_kind["alias"]]
     lines += [
         "",
         "**Refused** (exit 2) unless the value asks for nothing: unset, or one of the values listed.",
@@ -92,7 +96,7 @@ def readme_section() -> str:
         f"Every option name SimpleTuner knows (bghira/SimpleTuner `{known.commit[:12]}`) has a disposition: "
         f"in `config.json` {_counts(known.config)}; in `multidatabackend.json` {_counts(known.dataset)}. "
         "Older names are read as the current ones ("
-        + ", ".join(f"`{o.name}` → `{o.of}`" for o in aliases)
+        + ", ".join(f"`{o.name}` → `{o.of}`{_inverted(o)}" for o in aliases)
         + "). An ignored option is a warning that gives the reason. A refused option is exit 2 with the reason "
         "and what to do instead, only where running anyway would train something else: in `config.json` "
         + _names(refused)

@@ -48,6 +48,8 @@ def write_job(root: Path, model: Path, datasets: list[dict[str, Any]], **job: An
         "max_train_steps": 10,
         "resolution": 32,
         "resolution_type": "pixel_area",
+        # 32 px images: SimpleTuner's 64 px alignment would make every bucket one 64x64 square.
+        "aspect_bucket_alignment": 16,
         "tokenizer_max_length": 16,
         "vae_batch_size": 16,
         "seed": 7,

@@ -17,7 +17,7 @@ from job.cache.manifest import read_manifest
 from job.cache.store import INDEX_NAME, entry_path
 from job.cache.warm import warm_caches
 from job.errors import ConfigError, DataError
-from job.model.components import model_geometry
+from job.model.components import job_geometry
 
 # Fixtures from test_cache_support, used by parameter name.
 __all__ = ["built_tiny_model", "tiny_model"]
@@ -170,7 +170,7 @@ def test_caches_match_what_the_auraflow_pipeline_computes(
         for s in scan_dataset(
             ctx.config.datasets[0],
             tmp_path / "images",
-            model_geometry(tiny_model),
+            job_geometry(ctx.config.job, tiny_model),
             seed=7,
             aspect_rounding=None,
             probe_path=tmp_path / "probe.json",

@@ -60,7 +60,6 @@ def test_seed_config_with_its_paths_fixed_loads_with_only_ignored_key_warnings(s
         "vae_cache_ondemand",
         "output_dir",
         "disable_benchmark",
-        "skip_file_discovery",
         "metadata_backend",
     }
 

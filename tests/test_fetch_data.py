@@ -14,7 +14,7 @@ from remote_trees import put_tree_s3, tree_files
 from job.cli import main
 from job.context import JobContext, open_context
 from job.data.location import local_data_dir
-from job.errors import ConfigError, ExitCode
+from job.errors import ConfigError, ExitCode, PermissionDeniedError
 from job.fetch.run import fetch_inputs
 from job.model.source import local_model_path
 
@@ -94,6 +94,71 @@ def test_aws_backend_with_its_own_endpoint_and_region(
         "a_cat.png": _png("white"),
         "a_cat.txt": b"a cat\n",
     }
+
+
+def test_aws_backend_keys_in_the_file_reach_that_backend_only(
+    s3, tiny_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SimpleTuner's per-backend keys (simpletuner/helpers/data_backend/config/image.py reads
+    aws_access_key_id/aws_secret_access_key for ``type: aws``; builders/aws.py AwsBackendBuilder hands them
+    to that backend's boto3 client): moto's IAM mode knows only the file's keys, the environment holds
+    wrong ones. check and fetch read the bucket; a store on the environment's chain is still refused (the
+    keys never reached the environment); no output shows the keys."""
+    from servers.s3 import iam_auth, iam_user_keys
+
+    from job.storage import storage_for
+
+    key_id, secret = iam_user_keys(s3.moto_url, f"reader-{s3.bucket}")
+    s3.put("pics/a_cat.png", _png("white"))
+    backend = {
+        "id": "bucket-pics",
+        "type": "aws",
+        "aws_bucket_name": s3.bucket,
+        "aws_data_prefix": "pics",
+        "aws_endpoint_url": s3.url,
+        "aws_access_key_id": key_id,
+        "aws_secret_access_key": secret,
+    }
+    config = str(_local_job(tmp_path, tiny_job, [backend]))
+    work = str(tmp_path / "work")
+    with iam_auth(s3.moto_url):
+        checked = main(["check", "--config", config, "--workdir", work])
+        check_err = capsys.readouterr().err
+        fetched = main(["fetch", "--config", config, "--workdir", work])
+        fetch_err = capsys.readouterr().err
+        with pytest.raises(PermissionDeniedError, match="InvalidAccessKeyId"):
+            storage_for(s3.uri()).list(s3.uri("pics"))
+    assert checked == ExitCode.OK, check_err
+    assert fetched == ExitCode.OK, fetch_err
+    assert tree_files(tmp_path / "work" / "data" / "bucket-pics") == {"a_cat.png": _png("white")}
+    warning = "(backend 'bucket-pics'): aws_access_key_id, aws_secret_access_key: keys in the config file"
+    assert warning in check_err and warning in fetch_err
+    assert "instance/IRSA role" in check_err
+    for output in (check_err, fetch_err):
+        assert key_id not in output and secret not in output
+
+
+def test_aws_backend_keys_refused_by_the_store_exit_4_without_showing_them(
+    s3, tiny_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from servers.s3 import iam_auth
+
+    key_id, secret = "AKIAWRONGWRONGWRONG0", "wrongSecret/0123456789abcdefghijklmnopqr"
+    backend = {
+        "id": "pics",
+        "type": "aws",
+        "aws_bucket_name": s3.bucket,
+        "aws_endpoint_url": s3.url,
+        "aws_access_key_id": key_id,
+        "aws_secret_access_key": secret,
+    }
+    config = str(_local_job(tmp_path, tiny_job, [backend]))
+    with iam_auth(s3.moto_url):
+        code = main(["fetch", "--config", config, "--workdir", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.NO_PERMISSION
+    assert f"bucket '{s3.bucket}'" in err and "the keys in the dataset's config (aws_access_key_id)" in err
+    assert key_id not in err and secret not in err
 
 
 def test_keys_escaping_the_dataset_folder_are_refused(s3, tiny_job: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
 from job.model.lokr import attach_lokr
 from job.model.tiny import build_transformer
-from job.model.transformer import input_dtype, load_dtype, load_transformer, prepare_base_model
+from job.model.transformer import load_dtype, load_transformer, prepare_base_model
 
 pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
 
@@ -54,19 +54,29 @@ def test_group_offload_leaves_the_transformer_where_it_is():
     assert {p.device.type for p in transformer.parameters()} == {"cpu"}
 
 
-def test_load_dtype_skips_the_fp32_copy_when_weights_end_up_bf16():
-    assert load_dtype(_job(base_model_precision="no_change")) is None
+def test_load_dtype_is_simpletuners_weight_dtype():
+    """SimpleTuner: simpletuner/helpers/configuration/cmd_args.py ``parse_cmdline_args`` sets weight_dtype to
+    bf16 under mixed_precision bf16, and for a quantized model (base_model_default_dtype bf16), else fp32;
+    ``ModelFoundation.load_model`` (simpletuner/helpers/models/common.py) loads the transformer in it."""
+    assert load_dtype(_job(base_model_precision="no_change")) == torch.bfloat16
+    assert load_dtype(_job(base_model_precision="no_change", mixed_precision="no")) == torch.float32
     for precision in ("bf16", "int8-quanto", "int4-quanto"):
-        assert load_dtype(_job(base_model_precision=precision)) == torch.bfloat16
+        for mixed in ("bf16", "no"):
+            assert load_dtype(_job(base_model_precision=precision, mixed_precision=mixed)) == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision", ["no_change", "bf16"])
-def test_plain_precisions_freeze_and_cast(precision):
-    job = _job(base_model_precision=precision, gradient_checkpointing=True)
+@pytest.mark.parametrize(
+    ("precision", "mixed", "expected"),
+    [
+        ("no_change", "no", torch.float32),
+        ("no_change", "bf16", torch.bfloat16),
+        ("bf16", "no", torch.bfloat16),
+    ],
+)
+def test_plain_precisions_freeze_and_cast(precision, mixed, expected):
+    job = _job(base_model_precision=precision, mixed_precision=mixed, gradient_checkpointing=True)
     transformer = prepare_base_model(_transformer(), job, CPU)
-    expected = torch.float32 if precision == "no_change" else torch.bfloat16
     assert {p.dtype for p in transformer.parameters()} == {expected}
-    assert input_dtype(transformer, job) == expected
     assert not any(p.requires_grad for p in transformer.parameters())
     assert transformer.gradient_checkpointing
 
@@ -79,7 +89,7 @@ def test_int8_quanto_then_lokr_trains_the_adapter_in_bypass_mode(via):
     transformer = prepare_base_model(_transformer(), job, CPU)
     assert any(isinstance(m, QLinear) for m in transformer.modules())
     assert not any(p.requires_grad for p in transformer.parameters())
-    assert input_dtype(transformer, job) == torch.bfloat16
+    assert load_dtype(job) == torch.bfloat16
 
     network = attach_lokr(transformer, LYCORIS, seed=0)
     assert len(network.loras) == 16

@@ -46,8 +46,13 @@ def test_auto_shift_uses_the_diffusers_constants():
     assert schedule_shift(None, True, (128, 128), 2) == pytest.approx(math.exp(1.15))
 
 
-def test_fixed_shift_wins_over_auto_shift_and_none_means_unshifted():
-    assert schedule_shift(3.0, True, (128, 128), 2) == 3.0
+def test_auto_shift_wins_over_a_fixed_shift_and_zero_or_none_means_unshifted():
+    """SimpleTuner: simpletuner/helpers/training/default_settings/safety_check.py ``safety_check`` zeroes
+    flow_schedule_shift when flow_schedule_auto_shift is on; simpletuner/helpers/training/custom_schedule.py
+    ``apply_flow_schedule_shift`` uses a fixed shift only above 0, else auto-shift, else none."""
+    assert schedule_shift(3.0, True, (128, 128), 2) == pytest.approx(math.exp(1.15))
+    assert schedule_shift(3.0, False, (128, 128), 2) == 3.0
+    assert schedule_shift(0.0, False, (128, 128), 2) is None
     assert schedule_shift(None, False, (128, 128), 2) is None
 
 

@@ -24,7 +24,7 @@ def trained():
     with torch.no_grad():
         for parameter in network.parameters():
             parameter.add_(0.1)
-    ema.update()
+    ema.update(step=2)
     return network, ema
 
 
@@ -39,8 +39,8 @@ def test_layout_metadata_and_lycoris_config(tmp_path, trained):
         assert json.loads(handle.metadata()[METADATA_KEY]) == json.loads((tmp_path / CONFIG_FILE).read_text())
     weights, averaged = load_file(path), load_file(tmp_path / EMA_FILE)
     key = "lycoris_joint_transformer_blocks_0_attn_to_q.lokr_w2"
-    # The first update's decay is min(0.5, 1/10) (diffusers' warm-up): 0.9 of the way from w2 = 0 to trained.
-    assert torch.allclose(averaged[key], 0.9 * weights[key])
+    # Step 2's decay is min(0.5, 2/11) (SimpleTuner's warm-up): 9/11 of the way from w2 = 0 to trained.
+    assert torch.allclose(averaged[key], 9 / 11 * weights[key])
     assert torch.equal(dict(network.named_parameters())[key].detach(), weights[key])
     record = json.loads((tmp_path / RESULT_FILE).read_text())
     assert record["config_hash"] == "abc" and record["step"] == 24

@@ -136,3 +136,32 @@ def test_guidance_rescale_changes_validation_images(
     (a,) = render_validation(pipeline, prompts, plain, 0, tmp_path / "plain")
     (b,) = render_validation(pipeline, prompts, rescaled, 0, tmp_path / "rescaled")
     assert a.read_bytes() != b.read_bytes()
+
+
+def test_validation_lycoris_strength_changes_the_images_but_not_the_adapter(
+    live: tuple[Any, Any], cfg: ResolvedConfig, tiny_job: Path, tmp_path: Path
+) -> None:
+    """SimpleTuner sets the LyCORIS multiplier to validation_lycoris_strength for validation renders
+    (simpletuner/helpers/training/validation.py, ``Validation.setup_pipeline``)."""
+    from job.model.lokr import save_adapter
+
+    pipeline, network = live
+    prompts = {"validation": "a red circle on blue"}
+    save_adapter(network, tmp_path / "before.safetensors", cfg.lycoris)
+    rendered = {}
+    for strength in ("0", "1"):
+        job = load_config(tiny_job, [f"validation_lycoris_strength={strength}"]).job
+        (rendered[strength],) = render_validation(
+            pipeline, prompts, job, 0, tmp_path / strength, adapter=network
+        )
+    network.set_multiplier(0.0)
+    try:
+        (lokr_off,) = render_validation(pipeline, prompts, cfg.job, 0, tmp_path / "off")
+    finally:
+        network.set_multiplier(1.0)
+    assert np.array_equal(_pixels(rendered["0"]), _pixels(lokr_off))
+    assert np.abs(_pixels(rendered["1"]) - _pixels(rendered["0"])).mean() > 0.1
+    # Training continues at the multiplier it had, and the adapter it saves is byte for byte the same.
+    assert network.multiplier == 1.0
+    save_adapter(network, tmp_path / "after.safetensors", cfg.lycoris)
+    assert (tmp_path / "before.safetensors").read_bytes() == (tmp_path / "after.safetensors").read_bytes()

@@ -23,7 +23,8 @@ from job.cache.manifest import Manifest, plan_fingerprint, read_manifest
 from job.cache.store import CacheIndex, entry_path, load_entry
 from job.config.schema import DatasetConfig
 from job.context import JobContext
-from job.data.buckets import StepShape, dropped_lines, plan_buckets, require_usable
+from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
+from job.data.discovery import skipped_stages
 from job.data.sampler import EpochSampler, SamplerDataset
 from job.data.seeds import derive_seed
 from job.errors import DataError
@@ -86,7 +87,7 @@ class TrainingData:
     def open(cls, ctx: JobContext, *, world_size: int = 1, rank: int = 0) -> TrainingData:
         """The warmed caches of every dataset; ``DataError`` (run lokr-job warm) when any entry is missing."""
         job = ctx.config.job
-        step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, world_size)
+        step = StepShape.of(job, world_size)
         text_dir = layout.text_dir(ctx)
         text_index = CacheIndex.load(text_dir)
         latent_indexes: dict[Path, CacheIndex] = {}
@@ -101,6 +102,8 @@ class TrainingData:
             manifests.append(manifest)
             buckets = plan_buckets([s.bucket for s in manifest.samples], repeats=dataset.repeats, step=step)
             for line in dropped_lines(dataset.id, buckets, repeats=dataset.repeats, step=step):
+                log.warning("%s", line)
+            for line in padded_lines(dataset.id, buckets, repeats=dataset.repeats, step=step):
                 log.warning("%s", line)
             try:
                 require_usable(
@@ -130,11 +133,14 @@ class TrainingData:
             missing_latents = sum(e.latent_key not in latent_index for e in entries[first:])
             missing_texts = sum(k not in text_index for e in entries[first:] for k in e.text_keys)
             if missing_latents or missing_texts:
+                skipped = sorted(skipped_stages(job, dataset) & {"vae", "text"})
+                # SimpleTuner's own hint when a skipped stage left the cache short (caching/vae.py).
+                hint = f" without skip_file_discovery {', '.join(skipped)}" if skipped else ""
                 problems.append(
                     f"dataset {dataset.id!r}: {missing_latents} latents and {missing_texts} text embeddings "
-                    "are not cached; run lokr-job warm"
+                    f"are not cached; run lokr-job warm{hint}"
                 )
-            sampler_datasets.append(SamplerDataset(dataset.id, bucket_ids, dataset.repeats))
+            sampler_datasets.append(SamplerDataset(dataset.id, bucket_ids, dataset.repeats, buckets.padded))
         identities = {m.text_identity for m in manifests}
         if len(identities) > 1:
             problems.append("the datasets' caches were built with different text encoders; run lokr-job warm")

@@ -53,7 +53,9 @@ class LazyModel(Generic[T]):
             torch.cuda.empty_cache()
 
 
-def fill_latents(plan: DatasetPlan, vae: LazyModel, index: CacheIndex, batch_size: int) -> None:
+def fill_latents(
+    plan: DatasetPlan, vae: LazyModel, index: CacheIndex, batch_size: int, *, write_batch_size: int
+) -> None:
     """Encode the latents of the plan's usable samples that the index lacks."""
     wanted = {key: sample for sample, key in plan.usable()}
     missing = index.adopt_existing({key: wanted[key].relpath for key in index.missing(wanted)})
@@ -64,7 +66,7 @@ def fill_latents(plan: DatasetPlan, vae: LazyModel, index: CacheIndex, batch_siz
     with (
         ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
         Progress(f"latents {plan.dataset.id}", len(missing), unit="img") as progress,
-        _Writer(index, pool) as writer,
+        _Writer(index, pool, write_batch_size) as writer,
     ):
         for batch, futures in _prefetched(pool, plan.root, batches):
             encoded = []
@@ -85,11 +87,16 @@ def fill_latents(plan: DatasetPlan, vae: LazyModel, index: CacheIndex, batch_siz
 
 class _Writer:
     """Writes entries on a thread pool (overlapping the next batch's encoding) and indexes each one once
-    its file is in place; the index is saved every ``_INDEX_SAVE_INTERVAL_S`` and on exit."""
+    its file is in place; the index is saved every ``_INDEX_SAVE_INTERVAL_S`` and on exit.
 
-    def __init__(self, index: CacheIndex, pool: ThreadPoolExecutor) -> None:
+    At most ``max_pending`` entries wait to be written (SimpleTuner's ``write_batch_size``): encoding
+    waits for a slow store (S3, a network filesystem) instead of holding every encoded entry in memory.
+    """
+
+    def __init__(self, index: CacheIndex, pool: ThreadPoolExecutor, max_pending: int) -> None:
         self._index = index
         self._pool = pool
+        self._max_pending = max_pending
         self._pending: deque[tuple[str, object, Future[None]]] = deque()
         self._last_save = time.monotonic()
 
@@ -104,7 +111,9 @@ class _Writer:
             self._last_save = time.monotonic()
 
     def _collect(self, *, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][2].done()):
+        while self._pending and (
+            wait or self._pending[0][2].done() or len(self._pending) > self._max_pending
+        ):
             key, description, future = self._pending.popleft()
             future.result()  # a failed write (a full disk) stops the warm
             self._index.add(key, description)
@@ -162,7 +171,13 @@ class TextFill:
 
 
 def fill_text(
-    wanted: dict[str, str], index: CacheIndex, text_encoder: LazyModel, *, batch_size: int, max_length: int
+    wanted: dict[str, str],
+    index: CacheIndex,
+    text_encoder: LazyModel,
+    *,
+    batch_size: int,
+    write_batch_size: int,
+    max_length: int,
 ) -> TextFill:
     """Encode the captions of ``wanted`` (key → caption) that the index lacks."""
     missing = index.adopt_existing({key: wanted[key] for key in index.missing(wanted)})
@@ -172,7 +187,7 @@ def fill_text(
     with (
         ThreadPoolExecutor(max_workers=2) as pool,
         Progress("text embeddings", len(missing), unit="caption") as progress,
-        _Writer(index, pool) as writer,
+        _Writer(index, pool, write_batch_size) as writer,
     ):
         for start in range(0, len(missing), batch_size):
             keys = missing[start : start + batch_size]

@@ -20,6 +20,8 @@ from job.files import read_json, write_bytes_atomic
 _MANIFEST_VERSION = 1
 # Dataset keys that training reads from the config directly: changing them needs no warm.
 _TRAINING_TIME_KEYS = frozenset({"repeats", "is_regularisation_data", "caption_dropout_probability"})
+# Which discovery a warm skips changes how the plan is found, not what it holds.
+_DISCOVERY_KEYS = frozenset({"skip_file_discovery"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def plan_fingerprint(config: ResolvedConfig, dataset: DatasetConfig) -> str:
     job = config.job
     recipe = {
         "version": _MANIFEST_VERSION,
-        "dataset": dataset.model_dump(mode="json", exclude=set(_TRAINING_TIME_KEYS)),
+        "dataset": dataset.model_dump(mode="json", exclude=_TRAINING_TIME_KEYS | _DISCOVERY_KEYS),
         "seed": job.seed,
         "aspect_bucket_rounding": job.aspect_bucket_rounding,
         "model": job.model_source,

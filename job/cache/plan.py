@@ -14,7 +14,7 @@ from job.cache.report import DatasetWarmReport, skip_summary
 from job.config.schema import DatasetConfig
 from job.context import JobContext
 from job.data.buckets import BucketPlan, StepShape, dropped_lines, plan_buckets, require_usable
-from job.data.discovery import IMAGE_EXTENSIONS
+from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry, resolution_problem
 from job.data.location import local_data_dir
 from job.data.scan import Sample, scan_dataset
@@ -80,6 +80,7 @@ def _plan_dataset(
         seed=job.seed,
         aspect_rounding=job.aspect_bucket_rounding,
         probe_path=layout.probe_path(ctx.workdir, dataset.id),
+        trust_last_scan=trusts_last_scan(job, dataset),
     )
     report = DatasetWarmReport(dataset.id, str(root), scan.images_found, scan.probed, skipped=scan.skipped)
     report_path = layout.report_path(ctx.workdir, dataset.id)

@@ -6,7 +6,9 @@
 2. Encode the missing latents, bucket by bucket in batches of ``vae_batch_size``, while a thread pool
    decodes the next images.
 3. Encode the missing text embeddings (captions, the empty caption, validation prompts) in batches of
-   ``write_batch_size``.
+   ``text_encoder_batch_size`` (SimpleTuner's default of 1: one caption per encoder call).
+   ``write_batch_size`` bounds the entries waiting to be written. A dataset whose ``skip_file_discovery``
+   names ``vae`` or ``text`` has its latents or captions left as they are (trusted to be cached).
 4. Write each dataset's training plan (``cache/buckets/<dataset>.json``) and bad-data report.
 
 The VAE and text encoder are loaded only when something is missing: a second warm on unchanged data
@@ -27,12 +29,13 @@ from job.cache.report import WarmReport
 from job.cache.store import CacheIndex
 from job.context import JobContext
 from job.data.buckets import StepShape
+from job.data.discovery import skipped_stages
 from job.errors import ConfigError
 from job.model.components import (
     compute_device,
+    job_geometry,
     load_text_encoder,
     load_vae,
-    model_geometry,
     text_encoder_dtype,
 )
 from job.model.source import local_model_path
@@ -46,9 +49,9 @@ VAE_DTYPE = "float32"
 def warm_caches(ctx: JobContext) -> WarmReport:
     job = ctx.config.job
     folder = Path(local_model_path(job, ctx.workdir))
-    geometry = model_geometry(folder)
+    geometry = job_geometry(job, folder)
     check_config(ctx.config.datasets, geometry)
-    step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, _world_size_from_env())
+    step = StepShape.of(job, _world_size_from_env())
     device = compute_device()
     vae_id, text_id = _identities(
         ctx, folder, text_dtype=str(text_encoder_dtype(device)).removeprefix("torch.")
@@ -62,22 +65,32 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     for plan in plans:
         # Between datasets (every entry written so far is whole and indexed): a SIGTERM stops here, exit 75.
         preemption.current().raise_if_requested(f"warm (before dataset {plan.dataset.id})")
+        if "vae" in skipped_stages(job, plan.dataset):
+            log.info("warm: dataset %r: latents not looked for (skip_file_discovery: vae)", plan.dataset.id)
+            continue
         index = indexes.setdefault(plan.cache_dir, CacheIndex.load(plan.cache_dir))
-        fill_latents(plan, vae, index, job.vae_batch_size)
+        fill_latents(plan, vae, index, job.vae_batch_size, write_batch_size=job.write_batch_size)
         drop_failed(plan, step)
     report.vae_loaded = vae.loaded
     vae.release()
 
     preemption.current().raise_if_requested("warm (before the text embeddings)")
     text_encoder = LazyModel(lambda: load_text_encoder(folder, device))
-    captions = [caption for plan in plans for sample, _ in plan.usable() for caption in sample.captions]
+    captions = [
+        caption
+        for plan in plans
+        if "text" not in skipped_stages(job, plan.dataset)
+        for sample, _ in plan.usable()
+        for caption in sample.captions
+    ]
     # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
     captions += ["", *_validation_prompts(ctx)]
     text = fill_text(
         {text_key(caption, text_id): caption for caption in captions},
         CacheIndex.load(layout.text_dir(ctx)),
         text_encoder,
-        batch_size=ctx.config.text_embeds.write_batch_size or job.write_batch_size,
+        batch_size=ctx.config.text_embeds.text_encoder_batch_size or job.text_encoder_batch_size,
+        write_batch_size=ctx.config.text_embeds.write_batch_size or job.write_batch_size,
         max_length=job.max_token_length,
     )
     report.text_cached, report.text_new, report.text_truncated = text.cached, text.new, text.truncated

@@ -14,13 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from job.config.loader import ResolvedConfig
 from job.config.paths import is_remote
 from job.data.location import is_fetched
 from job.errors import ConfigError, ExitCode, JobError, PermissionDeniedError
-from job.fetch.datasets import dataset_uri
+from job.fetch.datasets import dataset_uri, s3_options
 from job.model.source import is_hub_repo_id
 from job.storage import parse_uri, storage_for
 
@@ -68,11 +68,7 @@ def _inputs_readable(cfg: ResolvedConfig) -> list[Access]:
     for dataset in cfg.datasets:
         if is_fetched(dataset) and dataset.type != "huggingface":
             uri = dataset_uri(dataset)
-            options = (
-                {"endpoint_url": dataset.aws_endpoint_url, "region": dataset.aws_region_name}
-                if uri.startswith("s3://")
-                else {}
-            )
+            options = s3_options(dataset) if uri.startswith("s3://") else {}
             results.append(_readable(f"dataset {dataset.id!r}", uri, options))
         elif dataset.type == "huggingface":
             uri = f"hf://datasets/{dataset.dataset_name}" + (
@@ -83,7 +79,7 @@ def _inputs_readable(cfg: ResolvedConfig) -> list[Access]:
     return results
 
 
-def _readable(what: str, uri: str, options: dict[str, str | None]) -> Access:
+def _readable(what: str, uri: str, options: dict[str, Any]) -> Access:
     try:
         objects = storage_for(uri, **options).list(uri)
     except JobError as exc:

@@ -20,8 +20,8 @@ import numpy as np
 from job.cache import layout
 from job.config.schema import DatasetConfig
 from job.context import JobContext
-from job.data.buckets import StepShape, dropped_lines, plan_buckets, require_usable
-from job.data.discovery import IMAGE_EXTENSIONS
+from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
+from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry
 from job.data.location import local_data_dir
 from job.data.sampler import SamplerDataset
@@ -39,19 +39,24 @@ class DatasetCensus:
     repeats: int
     scanned: bool  # False: counted from a remote listing; sizes unknown until fetched
     images: int = 0
-    usable: int = 0  # in buckets big enough for a step, before repeats
+    usable: int = 0  # in the buckets training uses, before repeats
     captions: int = 0  # distinct captions of the usable images
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)  # reason → files
     skipped_examples: list[str] = field(default_factory=list)  # "path: reason", the first few
     dropped: list[str] = field(default_factory=list)  # buckets too small for a step
+    padded: list[str] = field(default_factory=list)  # small buckets kept by repeating their images
+    padded_samples: dict[tuple[int, int], int] = field(default_factory=dict)  # their samples an epoch
     problem: str | None = None  # why the dataset cannot train (exit 3)
     caption_texts: set[str] = field(default_factory=set, repr=False)
 
     def sampler_dataset(self) -> SamplerDataset:
         """For counting batches an epoch exactly as training does (sample ids do not matter)."""
         return SamplerDataset(
-            self.id, {size: np.arange(count) for size, count in self.buckets.items()}, self.repeats
+            self.id,
+            {size: np.arange(count) for size, count in self.buckets.items()},
+            self.repeats,
+            self.padded_samples,
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -68,6 +73,7 @@ class DatasetCensus:
             "skipped": dict(self.skipped),
             "skipped_examples": self.skipped_examples,
             "dropped_buckets": self.dropped,
+            "padded_buckets": self.padded,
             "problem": self.problem,
         }
 
@@ -119,6 +125,7 @@ def _scan(
             seed=job.seed,
             aspect_rounding=job.aspect_bucket_rounding,
             probe_path=probe_path,
+            trust_last_scan=trusts_last_scan(job, dataset),
         )
     result.images = scan.images_found
     result.skipped = Counter(s.reason.split(":")[0] for s in scan.skipped)
@@ -129,6 +136,8 @@ def _scan(
         return
     buckets = plan_buckets([s.transform.bucket for s in scan.samples], repeats=dataset.repeats, step=step)
     result.dropped = dropped_lines(dataset.id, buckets, repeats=dataset.repeats, step=step)
+    result.padded = padded_lines(dataset.id, buckets, repeats=dataset.repeats, step=step)
+    result.padded_samples = buckets.padded
     result.buckets = {size: len(members) for size, members in buckets.usable.items()}
     result.usable = sum(result.buckets.values())
     result.caption_texts = {

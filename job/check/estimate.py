@@ -125,12 +125,13 @@ def vram_estimate(
     counts = _count_parameters(cfg, config)
     if job.model_type == "full":
         return _full_rank_estimate(cfg, config, source, bucket, world_size, counts)
-    # Quantized: Linear weights take one byte (int8) or half of one (int4; scales are negligible),
-    # everything else stays bf16.
-    linear_bytes = {"int8-quanto": 1.0, "int4-quanto": 0.5}.get(job.base_model_precision, 2.0)
-    weight_bytes = linear_bytes * counts.linear_weights + 2 * (counts.total - counts.linear_weights)
-    if job.base_model_precision == "no_change" and job.mixed_precision == "no":
-        weight_bytes = 4 * counts.total
+    from job.model.transformer import load_dtype
+
+    # The weights stay in the dtype training loads them in, except quantized Linear weights: one byte
+    # (int8) or half of one (int4; scales are negligible).
+    loaded = load_dtype(job).itemsize
+    linear_bytes = {"int8-quanto": 1.0, "int4-quanto": 0.5}.get(job.base_model_precision, loaded)
+    weight_bytes = linear_bytes * counts.linear_weights + loaded * (counts.total - counts.linear_weights)
     blocks = counts.blocks or 1
     if job.enable_group_offload:
         resident_blocks = min(

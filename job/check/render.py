@@ -33,7 +33,7 @@ def render_text(report: CheckReport) -> str:
             lines.append("    buckets: " + ", ".join(f"{w}x{h} ×{n}" for (w, h), n in d.buckets.items()))
         lines += [f"    skipped ×{n}: {reason}" for reason, n in d.skipped.most_common()]
         lines += [f"      e.g. {example}" for example in d.skipped_examples]
-        lines += [f"    {line}" for line in d.dropped]
+        lines += [f"    {line}" for line in d.dropped + d.padded]
     epochs = "∞" if math.isinf(report.epochs) else f"{report.epochs:.2f}"
     lines += [
         "",

@@ -32,13 +32,11 @@ from job.check.preflight import tracker_warnings
 from job.check.render import render_text
 from job.context import JobContext, open_context
 from job.data.buckets import StepShape
-from job.data.geometry import ModelGeometry, area_pixels
+from job.data.geometry import ModelGeometry, bucket_size
 from job.data.sampler import EpochSampler
 from job.errors import ConfigError, DataError, ExitCode, JobError, PermissionDeniedError, TransientError
 from job.recipe import RecipeChange, recipe_check
 
-# AuraFlow's VAE downsamples by 8 and its transformer patches by 2; a 96×96 patch grid.
-_AURAFLOW_GEOMETRY = ModelGeometry(alignment=16, max_patches=9216)
 _EXIT_PRIORITY = (ExitCode.BAD_CONFIG, ExitCode.NO_PERMISSION, ExitCode.BAD_DATA, ExitCode.TRANSIENT)
 
 
@@ -143,18 +141,17 @@ def run_check(
 
 def build_report(ctx: JobContext, recipe_change: RecipeChange = "refuse") -> CheckReport:
     from job.cache.plan import check_config
-    from job.model.components import model_geometry
-    from job.model.source import local_model_path
+    from job.check.sizes import size_problems
+    from job.model.components import fetched_model_folder, job_geometry
 
     cfg, job = ctx.config, ctx.config.job
     report = CheckReport(
         str(cfg.config_path), cfg.hash, job.model_source, job.base_model_precision, list(cfg.warnings)
     )
-    try:
-        model_folder: Path | None = Path(local_model_path(job, ctx.workdir))
-    except ConfigError:
-        model_folder = None  # a Hub or remote model not fetched yet: AuraFlow's known shapes stand in
-    geometry = model_geometry(model_folder) if model_folder else _AURAFLOW_GEOMETRY
+    # A Hub or remote model not fetched yet: its flavour's known grid stands in.
+    model_folder = fetched_model_folder(job, ctx.workdir)
+    geometry = job_geometry(job, model_folder)
+    report.problems += [(int(ExitCode.BAD_CONFIG), p) for p in size_problems(cfg, geometry)]
     try:
         check_config(cfg.datasets, geometry)
     except ConfigError as exc:
@@ -180,26 +177,28 @@ def build_report(ctx: JobContext, recipe_change: RecipeChange = "refuse") -> Che
     report.warnings += tracker_warnings(cfg)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    step = StepShape(job.train_batch_size, job.gradient_accumulation_steps, world_size)
+    step = StepShape.of(job, world_size)
     report.datasets = [
         census(ctx, dataset, geometry, step, listing=listings.get(f"dataset {dataset.id!r}"))
         for dataset in cfg.datasets
     ]
     report.problems += [(int(ExitCode.BAD_DATA), d.problem) for d in report.datasets if d.problem]
-    _estimate(ctx, report, model_folder, world_size)
+    _estimate(ctx, report, model_folder, geometry, world_size)
     report.disk = disk_estimate(cfg, ctx.workdir, report.access, report.cache, report.vram, report.steps)
     report.problems += disk_problems(report.disk)
     return report
 
 
-def _estimate(ctx: JobContext, report: CheckReport, model_folder: Path | None, world_size: int) -> None:
+def _estimate(
+    ctx: JobContext, report: CheckReport, model_folder: Path | None, geometry: ModelGeometry, world_size: int
+) -> None:
     cfg, job = ctx.config, ctx.config.job
     global_batch = job.train_batch_size * world_size
     usable = [d for d in report.datasets if d.scanned and not d.problem]
     unscanned = [d for d in report.datasets if not d.scanned and not d.problem]
     batches = EpochSampler([d.sampler_dataset() for d in usable], seed=job.seed, global_batch=global_batch)
     # Not fetched yet: sizes unknown, so each image is taken as one bucket's member at the target size.
-    square = _square_bucket(job.resolution, job.resolution_type)
+    square = bucket_size(1.0, job.resolution, job.resolution_type, geometry)
     report.batches_per_epoch = batches.batches_per_epoch + sum(
         d.images * (d.repeats + 1) // global_batch for d in unscanned
     )
@@ -237,9 +236,3 @@ def _estimate(ctx: JobContext, report: CheckReport, model_folder: Path | None, w
     largest = max(buckets, key=lambda s: s[0] * s[1], default=square)
     config, source = transformer_config(model_folder)
     report.vram = vram_estimate(cfg, config, source, largest, world_size)
-
-
-def _square_bucket(resolution: float, resolution_type: str) -> tuple[int, int]:
-    side = math.isqrt(int(area_pixels(resolution, resolution_type)))
-    side = max(16, side // 16 * 16)
-    return side, side

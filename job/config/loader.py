@@ -17,9 +17,10 @@ from pydantic import BaseModel, ValidationError
 
 from job.config import paths, simpletuner
 from job.config.deepspeed import deepspeed_problems
-from job.config.schema import DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
+from job.config.schema import CREDENTIAL_FIELDS, DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
 from job.errors import ConfigError
 from job.oserrors import map_os_error
+from job.track.redact import remember_secrets
 
 # Keys of config.json that name another file which must exist.
 FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
@@ -46,7 +47,14 @@ class ResolvedConfig:
         memory (``OUTCOME_NEUTRAL_KEYS``)."""
         recipe: dict[str, Any] = {
             "job": self.job.model_dump(mode="json", exclude=set(OUTCOME_NEUTRAL_KEYS)),
-            "datasets": [d.model_dump(mode="json", exclude={"cache_dir_vae"}) for d in self.datasets],
+            # Keys reach the data; they do not change it (and must never be written to the run URI). Where
+            # latents are kept and which discovery warm skips do not change it either.
+            "datasets": [
+                d.model_dump(
+                    mode="json", exclude={"cache_dir_vae", "skip_file_discovery", *CREDENTIAL_FIELDS}
+                )
+                for d in self.datasets
+            ],
             "lycoris": self.lycoris.model_dump(mode="json") if self.lycoris else None,
         }
         if self.deepspeed is not None:
@@ -70,6 +78,8 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "deepspeed_config",
         "user_prompt_library",
         "write_batch_size",
+        "text_encoder_batch_size",
+        "skip_file_discovery",
         "checkpoint_step_interval",
         "checkpoints_total_limit",
         "resume_from_checkpoint",
@@ -80,6 +90,7 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "validation_resolution",
         "validation_guidance",
         "validation_guidance_rescale",
+        "validation_lycoris_strength",
         "validation_num_inference_steps",
         "eval_steps_interval",
         "num_eval_images",
@@ -92,6 +103,7 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "hub_private",
         "cache_uri",
         "gradient_checkpointing",
+        "gradient_checkpointing_interval",
         "enable_group_offload",
         "group_offload_type",
         "group_offload_blocks_per_group",
@@ -145,6 +157,12 @@ def load_config(
             origin = remote_origin if key == "pretrained_model_name_or_path" else None
             raw[key] = _resolve_model_or_path(raw[key], config_path, origin)
     job = _validate(JobConfig, {k: v for k, v in raw.items() if k in known}, config_path, problems)
+    if job is not None and job.shift_overridden:
+        problems.warn(
+            config_path,
+            f"flow_schedule_shift: {job.flow_schedule_shift:g} is not used because flow_schedule_auto_shift is "
+            "true and picks the shift from each image's size, as SimpleTuner does; remove one of the two",
+        )
 
     datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems, remote_origin)
     lycoris = _load_lycoris(files.get("lycoris_config"), problems)
@@ -185,6 +203,7 @@ def _parse_overrides(overrides: list[str], problems: _Problems) -> dict[str, Any
             parsed[key.strip().removeprefix("--")] = json.loads(value)
         except json.JSONDecodeError:
             parsed[key.strip().removeprefix("--")] = value
+    remember_secrets(parsed)
     return parsed
 
 
@@ -199,7 +218,20 @@ def _screen_keys(
     ones it cannot honour, and report unknown keys with the nearest known one."""
     for key in [k for k in raw if k not in known and k in table and table[k].disposition == "alias"]:
         canonical, value = table[key].of, raw.pop(key)
-        if canonical in raw and raw[canonical] != value:
+        if table[key].negate:
+            # ignore_final_epochs: true is strict_epoch_limit: false (SimpleTuner's cmd_args.py rewrites it).
+            if simpletuner.asks_for_nothing(table[key], value):
+                continue
+            value = simpletuner.negated(value)
+            if value is None:
+                problems.error(
+                    where, f"{key}: must be true or false (SimpleTuner's older {canonical}, inverted)"
+                )
+                continue
+            clash = canonical in raw and simpletuner.negated(raw[canonical]) == value
+        else:
+            clash = canonical in raw and raw[canonical] != value
+        if clash:
             problems.error(
                 where,
                 f"{key}: SimpleTuner's older name for {canonical}, and both are set to different "
@@ -302,6 +334,8 @@ def _load_backends(
                 entry["instance_data_dir"], path, where, problems, origin
             )
         parsed = _validate(model, entry, where, problems)
+        if isinstance(parsed, DatasetConfig) and (warning := _credentials_warning(parsed)):
+            problems.warn(where, warning)
         if isinstance(parsed, TextEmbedsConfig):
             text_embeds = parsed
         elif isinstance(parsed, DatasetConfig) and not parsed.disabled:
@@ -309,6 +343,21 @@ def _load_backends(
     if not datasets and not any(e.startswith(str(path)) for e in problems.errors):
         problems.error(path, "no enabled image dataset (every backend is disabled or text_embeds)")
     return datasets, text_embeds
+
+
+def _credentials_warning(dataset: DatasetConfig) -> str | None:
+    """Keys written in the file work (SimpleTuner reads them), but a file is copied, shared and committed
+    far more often than an environment: say so, naming the keys and never their values."""
+    keys = [name for name in CREDENTIAL_FIELDS if getattr(dataset, name) is not None]
+    if not keys:
+        return None
+    if dataset.type != "aws" and not (dataset.instance_data_dir or "").startswith("s3://"):
+        return f"{', '.join(keys)}: not used, this backend does not read from S3; remove them from the file"
+    return (
+        f"{', '.join(keys)}: keys in the config file, used for this dataset only; prefer the environment "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or an instance/IRSA role, and keep keys "
+        "out of files that get copied and shared"
+    )
 
 
 def _resolve_data_dir(
@@ -392,6 +441,8 @@ def _read_json5(path: Path, problems: _Problems, expect: type) -> Any:
     except ValueError as exc:
         problems.error(_position(path, str(exc)), f"not valid JSON: {_strip_position(str(exc))}")
         return None
+    # Before anything can quote the file: from here on every error, log line and record masks them.
+    remember_secrets(value)
     if not isinstance(value, expect):
         shape = "an object {...}" if expect is dict else "a list [...]"
         problems.error(path, f"must hold {shape}, found {type(value).__name__}")
@@ -415,7 +466,9 @@ def _validate(model: type[BaseModel], data: dict[str, Any], where: Path | str, p
     except ValidationError as exc:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(file)"
-            got = f" (got {err['input']!r})" if err["loc"] and err["type"] != "missing" else ""
+            name = str(err["loc"][-1]) if err["loc"] else ""
+            shown = simpletuner.shown_value(name, err["input"])
+            got = f" (got {shown})" if err["loc"] and err["type"] != "missing" else ""
             message = err["msg"].removeprefix("Value error, ")
             problems.error(where, f"{key}: {message}{got}")
         return None

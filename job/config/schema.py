@@ -6,14 +6,10 @@ strings as often as not (``"4e-5"``, ``"true"``): pydantic's lax mode coerces th
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-FLAVOUR_REPOS = {
-    "v0.1": "fal/AuraFlow",
-    "v0.2": "fal/AuraFlow-v0.2",
-    "v0.3": "terminusresearch/auraflow-v0.3",
-    "pony": "purplesmartai/pony-v7-base",
-}
+from job.config.optimizer_config import parse_optimizer_config
+from job.model.flavours import FLAVOUR_REPOS, token_limit
 
 Optimizer = Literal["adamw", "adamw_bf16", "optimi-lion", "optimi-adamw", "bnb-lion8bit-paged", "prodigy"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "polynomial", "linear"]
@@ -23,6 +19,31 @@ ResolutionType = Literal["pixel", "pixel_area", "area"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# The stages SimpleTuner's skip_file_discovery names (its field registry, sections/advanced.py).
+DISCOVERY_STAGES = frozenset({"vae", "aspect", "text", "metadata"})
+
+
+def discovery_skips(value: str) -> frozenset[str]:
+    """The stages a ``skip_file_discovery`` value names: SimpleTuner writes them comma-separated, and
+    its own examples sometimes space-separated."""
+    return frozenset(word for word in value.replace(",", " ").lower().split())
+
+
+def _check_discovery_skips(value: object) -> object:
+    # SimpleTuner's examples write false for "skip nothing" (its CLI passes it on as the word "false").
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "false"):
+        return ""
+    if not isinstance(value, str):
+        return value  # the field's type names what is wrong
+    unknown = sorted(discovery_skips(value) - DISCOVERY_STAGES)
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)} is not a stage SimpleTuner can skip; use a comma-separated list of "
+            f"{', '.join(sorted(DISCOVERY_STAGES))} (or leave it empty to discover everything)"
+        )
+    return value
 
 
 class JobConfig(_Strict):
@@ -38,6 +59,8 @@ class JobConfig(_Strict):
     base_model_precision: Precision = "no_change"
     quantize_via: Literal["cpu", "accelerator"] = "accelerator"
     gradient_checkpointing: bool = False
+    # Checkpoint every Nth block of each stack (joint, single); unset or 1: every block.
+    gradient_checkpointing_interval: int | None = Field(default=None, ge=1)
     lycoris_config: str | None = None
     tokenizer_max_length: int | None = Field(default=None, gt=0)
 
@@ -49,9 +72,17 @@ class JobConfig(_Strict):
     maximum_image_size: float | None = Field(default=None, gt=0)
     target_downsample_size: float | None = Field(default=None, gt=0)
     aspect_bucket_rounding: int | None = Field(default=None, ge=0, le=6)
+    # SimpleTuner's AuraFlow model forces 64 px (Auraflow.check_user_config); lokr-job honours another
+    # multiple of the model's 16 px patch (checked against the model in job/check/sizes.py).
+    aspect_bucket_alignment: int = Field(default=64, gt=0)
     caption_dropout_probability: float = Field(default=0.0, ge=0, le=1)
     vae_batch_size: int = Field(default=4, gt=0)
     write_batch_size: int = Field(default=64, gt=0)
+    text_encoder_batch_size: int = Field(default=1, gt=0)
+    # SimpleTuner's stages, comma-separated: vae, aspect, text, metadata (job/data/skips.py).
+    skip_file_discovery: str = ""
+    disable_bucket_pruning: bool = False
+    allow_dataset_oversubscription: bool = False
 
     # The training loop.
     seed: int = 0
@@ -59,16 +90,29 @@ class JobConfig(_Strict):
     gradient_accumulation_steps: int = Field(default=1, gt=0)
     max_train_steps: int = Field(default=0, ge=0)
     num_train_epochs: int = Field(default=0, ge=0)
+    strict_epoch_limit: bool = False
     learning_rate: float = Field(default=1e-4, gt=0)
     lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_end: float = Field(default=4e-7, ge=0)
+    lr_power: float = Field(default=0.8, ge=0.1)
     optimizer: Optimizer = "adamw_bf16"
     max_grad_norm: float | None = Field(default=2.0, ge=0)
     grad_clip_method: Literal["value", "norm"] = "value"
+    # Comma-separated key=value settings over the optimizer's defaults (job/config/optimizer_config.py).
+    optimizer_config: str | None = None
+    optimizer_beta1: float | None = Field(default=None, ge=0, le=1)
+    optimizer_beta2: float | None = Field(default=None, ge=0, le=1)
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_schedule: Literal["snr", "exponential", "constant"] = "snr"
+    huber_c: float = Field(default=0.1, ge=0)
     mixed_precision: Literal["bf16", "no"] = "bf16"
     use_ema: bool = False
     ema_decay: float = Field(default=0.995, gt=0, lt=1)
-    flow_schedule_shift: float | None = Field(default=None, gt=0)
+    ema_update_interval: int = Field(default=1, ge=1)
+    ema_warmup_steps: int = Field(default=0, ge=0)
+    # SimpleTuner's default for every flow-matching family that sets none of its own, AuraFlow included.
+    flow_schedule_shift: float | None = 3.0
     flow_schedule_auto_shift: bool = False
 
     # Checkpoints.
@@ -84,6 +128,7 @@ class JobConfig(_Strict):
     validation_resolution: str = "1024x1024"
     validation_guidance: float = 3.5
     validation_guidance_rescale: float = 0.0
+    validation_lycoris_strength: float = Field(default=1.0, ge=0)
     validation_num_inference_steps: int = Field(default=20, gt=0)
     user_prompt_library: str | None = None
     eval_steps_interval: int | None = Field(default=None, gt=0)
@@ -126,6 +171,8 @@ class JobConfig(_Strict):
         # validation.py, should_perform_intermediary_validation); its examples write 0 for "never".
         return None if value in (0, "0") else value
 
+    _skips = field_validator("skip_file_discovery", mode="before")(_check_discovery_skips)
+
     @field_validator("validation_resolution")
     @classmethod
     def _resolutions(cls, value: str) -> str:
@@ -135,9 +182,27 @@ class JobConfig(_Strict):
                 raise ValueError(f"{part.strip()!r} is not WIDTHxHEIGHT (e.g. 1024x1024,1280x768)")
         return value
 
+    @field_validator("flow_schedule_shift")
+    @classmethod
+    def _shift_not_negative(cls, value: float | None) -> float | None:
+        # SimpleTuner's field registry allows 0 and up; 0 (or null) means no fixed shift.
+        if value is not None and value < 0:
+            raise ValueError(
+                "must be 0 or more: a shift s > 0 trains on σ' = sσ/(1+(s-1)σ), 0 trains on unshifted σ, "
+                "and flow_schedule_auto_shift: true picks s from each image's size"
+            )
+        return value
+
+    @field_validator("optimizer_config")
+    @classmethod
+    def _optimizer_settings(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_optimizer_config(value)
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobConfig":
-        problems = []
+        problems = self._training_path_problems()
         if self.max_train_steps == 0 and self.num_train_epochs == 0:
             problems.append("set max_train_steps or num_train_epochs to a number above 0")
         if self.model_type == "lora" and not self.lycoris_config:
@@ -154,6 +219,24 @@ class JobConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _training_path_problems(self) -> list[str]:
+        problems = []
+        if (self.optimizer_beta1 is None) != (self.optimizer_beta2 is None):
+            # SimpleTuner refuses one without the other (helpers/configuration/cmd_args.py).
+            problems.append("optimizer_beta1 and optimizer_beta2 go together: set both, or neither")
+        if self.lr_scheduler == "polynomial" and self.lr_end >= self.learning_rate:
+            problems.append(
+                f"lr_end ({self.lr_end:g}) must be below learning_rate ({self.learning_rate:g}) for the "
+                "polynomial schedule, which decays from one to the other"
+            )
+        if self.loss_type == "huber" and self.huber_c == 0 and self.huber_schedule != "snr":
+            # 2c·(…) with c = 0 (or c^σ = 0) is zero everywhere: nothing would train.
+            problems.append(
+                f"huber_c 0 with loss_type huber and huber_schedule {self.huber_schedule} makes the loss zero; "
+                "set huber_c above 0 (SimpleTuner's default is 0.1)"
+            )
+        return problems
 
     def _full_rank_problems(self) -> list[str]:
         problems = []
@@ -180,10 +263,17 @@ class JobConfig(_Strict):
 
     @property
     def max_token_length(self) -> int:
-        """SimpleTuner truncates AuraFlow prompts at 120 tokens, 768 for the pony flavour."""
-        if self.tokenizer_max_length:
-            return self.tokenizer_max_length
-        return 768 if self.model_flavour == "pony" else 120
+        """``tokenizer_max_length``, else the flavour's limit (SimpleTuner's 120, or 768 for pony)."""
+        return self.tokenizer_max_length or token_limit(self.model_flavour)
+
+    @property
+    def shift_overridden(self) -> bool:
+        """A fixed ``flow_schedule_shift`` was asked for alongside auto-shift, which wins as in SimpleTuner."""
+        return (
+            self.flow_schedule_auto_shift
+            and "flow_schedule_shift" in self.model_fields_set
+            and bool(self.flow_schedule_shift)
+        )
 
     @property
     def validation_sizes(self) -> list[tuple[int, int]]:
@@ -192,6 +282,10 @@ class JobConfig(_Strict):
             w, _, h = part.strip().lower().partition("x")
             sizes.append((int(w), int(h or w)))
         return sizes
+
+
+# The DatasetConfig fields that hold credentials: used to reach the data, never part of what is trained.
+CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
 
 class DatasetConfig(_Strict):
@@ -221,12 +315,27 @@ class DatasetConfig(_Strict):
     aws_data_prefix: str = ""
     aws_endpoint_url: str | None = None
     aws_region_name: str | None = None
+    # Keys for this backend only (SimpleTuner's per-backend credentials); boto3's chain when unset.
+    # SecretStr: a repr or a dump of the config shows ********** instead of the value.
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
     # SimpleTuner's Hub dataset backend.
     dataset_name: str | None = None
     split: str = "train"
     revision: str | None = None
     image_column: str = "image"
     caption_column: str = "caption"
+    # Added to config.json's skip_file_discovery for this dataset, as SimpleTuner reads either.
+    skip_file_discovery: str = ""
+
+    _skips = field_validator("skip_file_discovery", mode="before")(_check_discovery_skips)
+
+    @field_validator(*CREDENTIAL_FIELDS, mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # SimpleTuner's examples ship these keys empty; empty means "use the environment", as there.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _source_present(self) -> "DatasetConfig":
@@ -234,6 +343,13 @@ class DatasetConfig(_Strict):
             raise ValueError("a local dataset needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
             raise ValueError("an aws dataset needs aws_bucket_name")
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            raise ValueError(
+                "aws_access_key_id and aws_secret_access_key go together: set both, or neither to use the "
+                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
+            )
+        if self.aws_session_token is not None and self.aws_access_key_id is None:
+            raise ValueError("aws_session_token needs aws_access_key_id and aws_secret_access_key beside it")
         if self.type == "huggingface" and not self.dataset_name:
             raise ValueError("a huggingface dataset needs dataset_name (owner/name)")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -251,6 +367,7 @@ class TextEmbedsConfig(_Strict):
     disabled: bool = False
     cache_dir: str | None = None
     write_batch_size: int | None = Field(default=None, gt=0)
+    text_encoder_batch_size: int | None = Field(default=None, gt=0)  # config.json's when unset
 
 
 class PresetConfig(_Strict):

@@ -17,11 +17,12 @@ tables in docs/config.md from this file.
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, Literal
+
+from job.track.redact import is_secret_name, masked
 
 Disposition = Literal["acted_on", "alias", "ignored", "refused"]
 
@@ -35,6 +36,7 @@ class Option:
     disposition: Disposition
     reason: str = ""
     of: str = ""  # alias: the canonical name
+    negate: bool = False  # alias: a true/false whose value is the opposite of the canonical key's
     instead: str = ""  # refused: what to do instead
     allowed: tuple[Any, ...] = ()  # refused: values that ask for nothing lokr-job leaves undone
     older: bool = False  # a name from an older SimpleTuner release, not in the commit recorded
@@ -78,12 +80,22 @@ def asks_for_nothing(option: Option, value: Any) -> bool:
     return any(value == allowed for allowed in option.allowed)
 
 
-_SECRET_NAME = re.compile(r"secret|token|password|passwd|key", re.IGNORECASE)
+def negated(value: Any) -> bool | None:
+    """The opposite of a true/false value as SimpleTuner's parser reads one (strings included), or None
+    when the value is neither."""
+    # SimpleTuner's words (configuration/cmd_args.py, BOOL_TRUE_STRINGS and BOOL_FALSE_STRINGS).
+    word = str(value).strip().lower()
+    if word in {"1", "true", "yes", "y", "on"}:
+        return False
+    if word in {"0", "false", "no", "n", "off"}:
+        return True
+    return None
 
 
 def shown_value(key: str, value: Any) -> str:
-    """A value for an error message, hidden when the key names a credential."""
-    return "<hidden>" if _SECRET_NAME.search(key) else repr(value)
+    """A value for an error message: hidden when the key names a credential, and with any credential
+    inside it (a nested ``aws`` block's keys, a pasted token) masked."""
+    return "<hidden>" if is_secret_name(key) else repr(masked(value))
 
 
 def world_size_problem(num_processes: Any) -> str | None:

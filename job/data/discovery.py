@@ -1,12 +1,18 @@
 """Finding a dataset's images: a recursive walk of the folder, with each file's size and mtime.
 
 Size and mtime come for free with the walk (``os.scandir``) and let the scan reuse what it learnt about an
-unchanged file last time instead of reading it again.
+unchanged file last time instead of reading it again. SimpleTuner's ``skip_file_discovery`` (config.json,
+or a dataset's block) names the stages to trust from the last run instead of looking again: ``aspect`` and
+``metadata`` take the last scan's file list and sizes instead of walking the folder (new, changed and
+removed files go unnoticed); ``vae`` and ``text`` leave the dataset's latents and caption embeddings
+unencoded by warm (training then needs them all cached already).
 """
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from job.config.schema import DatasetConfig, JobConfig, discovery_skips
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
@@ -45,3 +51,12 @@ def find_images(root: Path) -> list[FoundImage]:
                     found.append(FoundImage(relpath, info.st_size, info.st_mtime_ns))
     found.sort(key=lambda image: image.relpath)
     return found
+
+
+def skipped_stages(job: JobConfig, dataset: DatasetConfig) -> frozenset[str]:
+    """The discovery stages skipped for ``dataset``: SimpleTuner skips a stage named in either place."""
+    return discovery_skips(job.skip_file_discovery) | discovery_skips(dataset.skip_file_discovery)
+
+
+def trusts_last_scan(job: JobConfig, dataset: DatasetConfig) -> bool:
+    return bool(skipped_stages(job, dataset) & {"aspect", "metadata"})

@@ -4,9 +4,12 @@
 side of a square of the same area, ``area`` is megapixels. ``minimum_image_size``, ``maximum_image_size``
 and ``target_downsample_size`` are read in the same unit as ``resolution``.
 
-Bucket sides are multiples of the model's alignment (VAE downsampling × transformer patch size: 16 px for
-AuraFlow) and stay inside the transformer's positional-embedding grid (``pos_embed_max_size`` patches,
-a square grid: 96×96 patches, 1536 px a side, for AuraFlow).
+Bucket sides are multiples of ``aspect_bucket_alignment`` (SimpleTuner's 64 px for AuraFlow), itself a
+multiple of one transformer patch (VAE downsampling × patch size: 16 px for AuraFlow), and stay inside the
+transformer's positional-embedding grid (``pos_embed_max_size`` patches, a square grid: 96×96 patches,
+1536 px a side, for AuraFlow v0.3). A rendered size must fit that grid on each side: diffusers' AuraFlow
+patch embedding centres the image on the grid, so a wider image reads positions from the neighbouring
+rows (silently) or past the end (an IndexError).
 """
 
 import math
@@ -22,6 +25,12 @@ _AREA_ALIASES = {0.25: 512**2, 0.5: 768**2, 1.0: 1024**2, 2.0: 1536**2, 4.0: 204
 class ModelGeometry:
     alignment: int  # pixels per transformer patch: VAE downsampling × patch size
     max_patches: int  # pos_embed_max_size: the positional grid holds this many patches, square
+    bucket_alignment: int | None = None  # aspect_bucket_alignment in pixels; None: one patch
+
+    @property
+    def bucket_step(self) -> int:
+        """What bucket sides are multiples of."""
+        return self.bucket_alignment or self.alignment
 
     @property
     def max_side(self) -> int:
@@ -30,6 +39,26 @@ class ModelGeometry:
     def fits(self, width: int, height: int) -> bool:
         patches = (width // self.alignment) * (height // self.alignment)
         return width <= self.max_side and height <= self.max_side and patches <= self.max_patches
+
+    def render_problem(self, width: int, height: int) -> str | None:
+        """Why the transformer cannot render ``width``×``height`` correctly, with the largest size that fits;
+        None when it can."""
+        align, side = self.alignment, self.max_side
+        if width % align or height % align:
+            return (
+                f"sides must be multiples of {align} px (VAE downsampling × patch size); the nearest "
+                f"that fit are {_fit_side(width, align, side)}x{_fit_side(height, align, side)}"
+            )
+        if self.fits(width, height):
+            return None
+        scale = min(side / width, side / height)
+        same_aspect = f"{_shrink(width, scale, align)}x{_shrink(height, scale, align)}"
+        return (
+            f"{width // align}x{height // align} patches, but the transformer's positional grid is "
+            f"{side // align}x{side // align} (pos_embed_max_size {self.max_patches}, {align} px a patch): the "
+            f"largest size that fits is {side}x{side}"
+            + ("" if same_aspect == f"{side}x{side}" else f", at this aspect {same_aspect}")
+        )
 
 
 def area_pixels(value: float, resolution_type: str) -> float:
@@ -67,22 +96,22 @@ def bucket_size(
     their aspect (80×64 stays 80×64 at 64 px rather than collapsing to a square); a bucket outside the
     positional grid (an extreme aspect) is scaled down until it fits.
     """
-    width, height = _unclamped_bucket(aspect, resolution, resolution_type, geometry.alignment)
+    width, height = _unclamped_bucket(aspect, resolution, resolution_type, geometry.bucket_step)
     if geometry.fits(width, height):
         return width, height
-    align = geometry.alignment
+    patch = geometry.alignment
     scale = min(
         geometry.max_side / width,
         geometry.max_side / height,
-        math.sqrt(geometry.max_patches * align * align / (width * height)),
+        math.sqrt(geometry.max_patches * patch * patch / (width * height)),
     )
-    return _shrink(width, scale, align), _shrink(height, scale, align)
+    return _shrink(width, scale, geometry.bucket_step), _shrink(height, scale, geometry.bucket_step)
 
 
 def resolution_problem(dataset: DatasetConfig, geometry: ModelGeometry) -> str | None:
     """Why ``dataset``'s resolution cannot be trained by this model, or None when it can."""
     assert dataset.resolution is not None and dataset.resolution_type is not None  # filled by the loader
-    side, _ = _unclamped_bucket(1.0, dataset.resolution, dataset.resolution_type, geometry.alignment)
+    side, _ = _unclamped_bucket(1.0, dataset.resolution, dataset.resolution_type, geometry.bucket_step)
     if side <= geometry.max_side:
         return None
     largest = {
@@ -111,6 +140,10 @@ def _unclamped_bucket(aspect: float, resolution: float, resolution_type: str, al
 
 def _shrink(side: int, scale: float, align: int) -> int:
     return max(align, math.floor(side * scale / align) * align)
+
+
+def _fit_side(side: int, align: int, max_side: int) -> int:
+    return min(max_side, _snap(side, align))
 
 
 def _snap(value: float, align: int) -> int:

@@ -1,7 +1,9 @@
 """The order of samples in an epoch: a pure function of (seed, epoch), addressable by batch index.
 
 Each bucket's samples (times ``repeats + 1``) are shuffled and cut into global batches of one shape; the
-remainder that does not fill a batch waits for the next epoch's shuffle. A dataset's batches are shuffled
+remainder that does not fill a batch waits for the next epoch's shuffle. A padded bucket (see
+``job.data.buckets``) instead takes its samples an epoch from its images cycled in a shuffled order, so
+each image appears as often as any other, give or take one. A dataset's batches are shuffled
 across its buckets, and datasets are interleaved at random in proportion to their batch counts (so by
 size × repeats). Every shuffle is seeded by name (dataset id, bucket size), so adding a dataset or an
 image does not reshuffle the others. Resuming is positioning: ``global_batch(epoch, index)`` needs no
@@ -9,7 +11,7 @@ history, and a rank takes its slice of each global batch.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +24,11 @@ class SamplerDataset:
     name: str
     buckets: dict[Size, np.ndarray]  # bucket → sample ids (indices into the caller's sample table)
     repeats: int
+    padded: dict[Size, int] = field(default_factory=dict)  # bucket → its samples an epoch, where padded
+
+    def samples(self, size: Size) -> int:
+        """The samples an epoch of bucket ``size``."""
+        return self.padded.get(size, len(self.buckets[size]) * (self.repeats + 1))
 
 
 class EpochSampler:
@@ -30,8 +37,7 @@ class EpochSampler:
         self._seed = seed
         self.global_batch = global_batch
         self._batches_per_dataset = [
-            sum(len(ids) * (d.repeats + 1) // global_batch for ids in d.buckets.values())
-            for d in self._datasets
+            sum(d.samples(size) // global_batch for size in d.buckets) for d in self._datasets
         ]
         self.batches_per_epoch = sum(self._batches_per_dataset)
         self._cached: tuple[int, np.ndarray] | None = None
@@ -60,9 +66,12 @@ class EpochSampler:
     def _dataset_batches(self, dataset: SamplerDataset, epoch: int) -> np.ndarray:
         batches = []
         for (width, height), ids in sorted(dataset.buckets.items()):
-            pool = self._rng(epoch, "bucket", dataset.name, f"{width}x{height}").permutation(
-                np.tile(ids, dataset.repeats + 1)
-            )
+            rng = self._rng(epoch, "bucket", dataset.name, f"{width}x{height}")
+            if (width, height) in dataset.padded:
+                cycled = np.resize(rng.permutation(ids), dataset.padded[(width, height)])
+                pool = rng.permutation(cycled)
+            else:
+                pool = rng.permutation(np.tile(ids, dataset.repeats + 1))
             count = len(pool) // self.global_batch
             batches.append(pool[: count * self.global_batch].reshape(count, self.global_batch))
         stacked = np.concatenate(batches)

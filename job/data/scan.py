@@ -3,6 +3,8 @@
 Reading and hashing every image is the expensive part, so what was learnt about each file (content hash
 and upright size, or why it is unreadable) is remembered in a probe file keyed by path, size and mtime;
 an unchanged file is never opened again. Probing runs on a thread pool (Pillow decodes without the GIL).
+With ``trust_last_scan`` (SimpleTuner's ``skip_file_discovery`` aspect/metadata) the probe file is also
+the file list: the folder is not walked, and only captions are read.
 """
 
 import os
@@ -53,9 +55,11 @@ def scan_dataset(
     aspect_rounding: int | None,
     probe_path: Path,
     workers: int | None = None,
+    trust_last_scan: bool = False,
 ) -> ScanResult:
     """Every image under ``root`` as a sample, or as skipped with the reason."""
-    found = find_images(root)
+    # With no earlier scan there is nothing to trust: the folder is walked as usual.
+    found = (trust_last_scan and _last_scan(probe_path)) or find_images(root)
     probes, probed = _probe_all(root, found, probe_path, workers or min(8, os.cpu_count() or 1))
     samples: list[Sample] = []
     skipped: list[Skipped] = []
@@ -127,6 +131,14 @@ def _probe(root: Path, image: FoundImage) -> dict[str, Any]:
         return record
     record.update(sha256=info.sha256, width=info.width, height=info.height)
     return record
+
+
+def _last_scan(probe_path: Path) -> list[FoundImage]:
+    """The files the last scan found, as it found them (sorted by path, as a walk returns them)."""
+    return [
+        FoundImage(relpath, record["size"], record["mtime_ns"])
+        for relpath, record in sorted(_load_probes(probe_path).items())
+    ]
 
 
 def _load_probes(probe_path: Path) -> dict[str, dict[str, Any]]:

@@ -9,20 +9,94 @@ transformers are imported by the functions that load weights, so reading sizes s
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from job.config.schema import FLAVOUR_REPOS, JobConfig
 from job.data.geometry import ModelGeometry
 from job.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AuraFlowPipeline, AutoencoderKL
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+    from job.workdir import WorkDir
 
 # AuraFlow's transformer (every flavour): used when a folder has no transformer/config.json to read.
 AURAFLOW_PATCH_SIZE = 2
 AURAFLOW_POS_EMBED_MAX_SIZE = 9216
+# Every flavour's VAE is SDXL's (4 blocks: 8x downsampling), so a patch is 16 px.
+_AURAFLOW_VAE_SCALE = 8
+
+# Each flavour's pos_embed_max_size, for sizes checked before its transformer/config.json is fetched (the
+# real one is read once it is).
+FLAVOUR_POS_EMBED_MAX_SIZE = {
+    # fal/AuraFlow: 64x64 patches (1024 px), the value diffusers' AuraFlowTransformer2DModel documents as
+    # its default, written for this release (diffusers PR #8796; SimpleTuner's copy,
+    # simpletuner/helpers/models/auraflow/transformer.py, keeps the docstring).
+    "v0.1": 4096,
+    # fal/AuraFlow-v0.2: 64x64 patches; its transformer holds 4096 positions (the shape in the traceback of
+    # diffusers issue #9112), and it predates the per-aspect position selection made for v0.3 (PR #9182).
+    "v0.2": 4096,
+    # terminusresearch/auraflow-v0.3: 96x96 patches, 1536 px (its transformer config; DESIGN.md section 4).
+    "v0.3": AURAFLOW_POS_EMBED_MAX_SIZE,
+    # purplesmartai/pony-v7-base: generates at 1536x1536 natively (its release notes), which takes 96x96
+    # patches. An assumption until fetched: the model's own config is then read and checked again.
+    "pony": AURAFLOW_POS_EMBED_MAX_SIZE,
+}
+
+
+def job_geometry(job: JobConfig, folder: Path | None) -> ModelGeometry:
+    """The sizes this job trains and renders at: the model's grid (read from ``folder``, the fetched model,
+    or the flavour's when not fetched yet) with the config's ``aspect_bucket_alignment``."""
+    if folder is not None:
+        model = model_geometry(folder)
+    else:
+        # A flavour's own repo is sized as that flavour, whatever model_flavour says.
+        model = flavour_geometry(_repo_flavour(job.model_source) or job.model_flavour)
+    return replace(model, bucket_alignment=job.aspect_bucket_alignment)
+
+
+def flavour_geometry(flavour: str) -> ModelGeometry:
+    return ModelGeometry(
+        alignment=_AURAFLOW_VAE_SCALE * AURAFLOW_PATCH_SIZE, max_patches=FLAVOUR_POS_EMBED_MAX_SIZE[flavour]
+    )
+
+
+def fetched_model_folder(job: JobConfig, workdir: WorkDir) -> Path | None:
+    """The base model's local folder, or None when it is a Hub repo or URI not fetched yet."""
+    from job.model.source import local_model_path
+
+    try:
+        return Path(local_model_path(job, workdir))
+    except ConfigError:
+        return None
+
+
+def source_geometry(source: str) -> ModelGeometry | None:
+    """The geometry of a base model named by a local folder or a flavour's Hub repo; None for another repo,
+    known only once loaded (``pipeline_geometry``)."""
+    folder = Path(source.removeprefix("file://")).expanduser()
+    if (folder / "vae" / "config.json").is_file():
+        return model_geometry(folder)
+    flavour = _repo_flavour(source)
+    return flavour_geometry(flavour) if flavour else None
+
+
+def pipeline_geometry(pipeline: AuraFlowPipeline) -> ModelGeometry:
+    config = pipeline.transformer.config
+    return ModelGeometry(
+        alignment=pipeline.vae_scale_factor * int(config.patch_size),
+        max_patches=int(config.pos_embed_max_size),
+    )
+
+
+def _repo_flavour(source: str) -> str | None:
+    """The flavour whose Hub repo ``source`` is, if any."""
+    by_repo = {repo.lower(): flavour for flavour, repo in FLAVOUR_REPOS.items()}
+    return by_repo.get(source.strip().lower())
 
 
 def model_geometry(folder: Path) -> ModelGeometry:

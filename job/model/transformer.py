@@ -14,6 +14,7 @@ import torch
 
 from job.config.schema import JobConfig
 from job.errors import ConfigError
+from job.model.checkpointing import enable_block_checkpointing
 from job.oserrors import map_os_error
 
 if TYPE_CHECKING:
@@ -47,15 +48,22 @@ def load_transformer(folder: str | Path, *, dtype: torch.dtype | None = None) ->
         ) from exc
 
 
-def load_dtype(job: JobConfig) -> torch.dtype | None:
-    """The dtype to load weights in: bf16 straight away when they will be bf16 anyway (no fp32 copy)."""
-    return None if job.base_model_precision == "no_change" else torch.bfloat16
+def load_dtype(job: JobConfig) -> torch.dtype:
+    """The dtype the base model's weights are loaded in, and stay in unless quantized: SimpleTuner's
+    ``weight_dtype``. With ``no_change`` that follows ``mixed_precision`` (bf16, or fp32 when it is ``no``);
+    a cast or quantized model is bf16 (simpletuner/helpers/configuration/cmd_args.py, where
+    ``args.weight_dtype`` is set; ``ModelFoundation.load_model`` in simpletuner/helpers/models/common.py
+    loads with it as ``torch_dtype``)."""
+    if job.base_model_precision == "no_change" and job.mixed_precision == "no":
+        return torch.float32
+    return torch.bfloat16
 
 
 def prepare_base_model(
     transformer: AuraFlowTransformer2DModel, job: JobConfig, device: torch.device
 ) -> AuraFlowTransformer2DModel:
-    """Apply ``base_model_precision``, ``quantize_via`` and ``gradient_checkpointing``; freeze everything.
+    """Apply ``base_model_precision``, ``quantize_via`` and ``gradient_checkpointing`` (with its
+    ``gradient_checkpointing_interval``); freeze everything.
 
     The transformer ends on ``device``, except under ``enable_group_offload``: then it stays where it is
     (and is quantized there), and group offload moves its weights to the device a group at a time.
@@ -63,8 +71,8 @@ def prepare_base_model(
     transformer.requires_grad_(False)
     precision = job.base_model_precision
     move = not job.enable_group_offload
-    if precision != "no_change" and transformer.dtype != torch.bfloat16:
-        transformer.to(dtype=torch.bfloat16)
+    if transformer.dtype != load_dtype(job):
+        transformer.to(dtype=load_dtype(job))
     if precision in QUANTO_PRECISIONS:
         if job.quantize_via == "accelerator" and move:
             transformer.to(device)
@@ -72,7 +80,7 @@ def prepare_base_model(
     if move:
         transformer.to(device)
     if job.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_block_checkpointing(transformer, job.gradient_checkpointing_interval)
     transformer.train()
     return transformer
 
@@ -85,8 +93,3 @@ def _quantize(transformer: torch.nn.Module, weights: str) -> None:
     # freeze() leaves the quantized weights with requires_grad=True, and backward then breaks.
     transformer.requires_grad_(False)
     log.info("quantized the transformer's weights to %s (optimum-quanto)", weights)
-
-
-def input_dtype(transformer: AuraFlowTransformer2DModel, job: JobConfig) -> torch.dtype:
-    """The dtype the transformer's inputs must have: that of its weights (bf16 once cast or quantized)."""
-    return torch.bfloat16 if job.base_model_precision != "no_change" else transformer.dtype

@@ -29,7 +29,8 @@ __all__ = [
 
 def storage_for(uri: Location, **options: Any) -> Storage:
     """The backend that serves ``uri``. ``options`` go to the backend's constructor: for S3
-    ``endpoint_url``/``region`` (SimpleTuner's ``aws_endpoint_url``/``aws_region_name``), for the Hub
+    ``endpoint_url``/``region`` (SimpleTuner's ``aws_endpoint_url``/``aws_region_name``) and a dataset's own
+    ``access_key_id``/``secret_access_key``/``session_token``, for the Hub
     ``endpoint``/``private``."""
     scheme = parse_uri(uri).scheme
     if scheme == "s3":

@@ -1,6 +1,8 @@
 """S3 and S3-compatible stores (R2, MinIO, B2) through boto3 and its transfer manager.
 
-Credentials come only from boto3's standard chain (env, profile, instance role, IRSA). ``AWS_ENDPOINT_URL``
+Credentials come from boto3's standard chain (env, profile, instance role, IRSA), unless a store is built
+with its own keys (a ``type: aws`` dataset's ``aws_access_key_id``/``aws_secret_access_key``): those go to
+that store's session only, never to the environment the other stores read. ``AWS_ENDPOINT_URL``
 is honoured by boto3 itself; ``endpoint_url``/``region`` override it (SimpleTuner's ``aws_endpoint_url``,
 ``aws_region_name``). botocore's own retries are switched off so that one policy (``job.storage.retry``)
 decides, with the job's exit codes.
@@ -93,11 +95,24 @@ class _Progress(BaseSubscriber):
 
 class S3Storage:
     def __init__(
-        self, *, endpoint_url: str | None = None, region: str | None = None, max_concurrency: int = 0
+        self,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_concurrency: int = 0,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
     ):
         self._endpoint_url = endpoint_url or None
         # botocore reads AWS_DEFAULT_REGION only; the docs (and most platforms) set AWS_REGION.
         self._region = region or os.environ.get("AWS_REGION") or None
+        # Explicit keys (or None: the chain). Kept off the environment so no other store picks them up.
+        self._keys = {
+            "aws_access_key_id": access_key_id,
+            "aws_secret_access_key": secret_access_key,
+            "aws_session_token": session_token,
+        }
         self._workers = max_concurrency or int(os.environ.get("LOKR_S3_CONCURRENCY", "16"))
         self._lock = threading.Lock()
         self._session: Any = None
@@ -108,7 +123,7 @@ class S3Storage:
     def _s3(self) -> Any:
         with self._lock:
             if self._client is None:
-                self._session = boto3.session.Session(region_name=self._region)
+                self._session = boto3.session.Session(region_name=self._region, **self._keys)
                 custom = (
                     self._endpoint_url
                     or os.environ.get("AWS_ENDPOINT_URL_S3")
@@ -132,6 +147,8 @@ class S3Storage:
             return self._client
 
     def _credential_source(self) -> str:
+        if self._keys["aws_access_key_id"]:
+            return "the keys in the dataset's config (aws_access_key_id)"
         try:
             creds = (self._session or boto3.session.Session()).get_credentials()
         except Exception:  # a broken profile must not hide the original error

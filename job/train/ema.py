@@ -1,7 +1,10 @@
 """An exponential moving average of the LoKr weights (``use_ema``), kept in fp32.
 
-The decay warms up as diffusers' ``EMAModel`` does (which SimpleTuner uses): min(ema_decay, (1+t)/(10+t))
-after optimizer step t, so the first steps do not drag the average towards the zero-initialised adapter.
+The decay follows SimpleTuner's ``EMAModel.get_decay`` (simpletuner/helpers/training/ema.py), a function
+of the optimizer step t (counted from 1) it is updated at: the first step copies the weights (decay 0),
+then min(ema_decay, t/(9+t)), so the early steps do not drag the average towards the zero-initialised
+adapter. With ``ema_warmup_steps`` W > 0 it copies the weights before step W and uses ``ema_decay``
+from then on. The loop updates it every ``ema_update_interval`` steps.
 """
 
 from __future__ import annotations
@@ -13,23 +16,30 @@ import torch
 
 
 class AdapterEMA:
-    def __init__(self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float):
+    def __init__(
+        self, named_parameters: list[tuple[str, torch.nn.Parameter]], decay: float, *, warmup_steps: int = 0
+    ):
         self.decay = decay
+        self.warmup_steps = warmup_steps
         self.parameters = dict(named_parameters)
         self.shadow = {name: p.detach().float().clone() for name, p in self.parameters.items()}
-        self.updates = 0
 
-    def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def decay_at(self, step: int) -> float:
+        if self.warmup_steps > 0:
+            return 0.0 if step < self.warmup_steps else self.decay
+        since_first = step - 1
+        if since_first <= 0:
+            return 0.0
+        return min(self.decay, (1 + since_first) / (10 + since_first))
 
     @torch.no_grad()
-    def update(self) -> None:
-        decay = self.current_decay()
+    def update(self, step: int) -> None:
+        """Fold the current weights in after optimizer step ``step`` (counted from 1)."""
+        decay = self.decay_at(step)
         # shadow += (1 - decay) * (parameter - shadow), all tensors in one kernel launch per group.
         torch._foreach_lerp_(
             list(self.shadow.values()), [p.detach().float() for p in self.parameters.values()], 1 - decay
         )
-        self.updates += 1
 
     @contextmanager
     @torch.no_grad()
@@ -45,9 +55,7 @@ class AdapterEMA:
                 parameter.copy_(saved[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"shadow.{name}": tensor for name, tensor in self.shadow.items()}
-        state["updates"] = torch.tensor(self.updates, dtype=torch.int64)
-        return state
+        return {f"shadow.{name}": tensor for name, tensor in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [name for name in self.shadow if f"shadow.{name}" not in state]
@@ -55,4 +63,3 @@ class AdapterEMA:
             raise KeyError(f"EMA state lacks {len(missing)} weights, e.g. {missing[0]}")
         for name in self.shadow:
             self.shadow[name].copy_(state[f"shadow.{name}"])
-        self.updates = int(state["updates"])

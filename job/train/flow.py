@@ -49,11 +49,12 @@ def image_seq_len(latent_height: int, latent_width: int, patch_size: int) -> int
 def schedule_shift(
     fixed_shift: float | None, auto: bool, latent_hw: tuple[int, int], patch_size: int
 ) -> float | None:
-    """The shift for a batch, SimpleTuner's precedence: a fixed ``flow_schedule_shift`` wins over auto."""
-    if fixed_shift:
-        return fixed_shift
+    """The shift for a batch, or None for unshifted σ, with SimpleTuner's precedence: auto-shift wins (its
+    safety check zeroes a fixed shift set beside it), else a fixed shift above 0; 0 or None is no shift."""
     if auto:
         return auto_shift(image_seq_len(*latent_hw, patch_size))
+    if fixed_shift:
+        return fixed_shift
     return None
 
 

@@ -93,10 +93,11 @@ def build_full_rank_trainer(
     checkpoint_hooks: Iterable[CheckpointHook],
 ) -> TrainingRun:
     """Load the transformer, make every weight trainable, prepare it with DeepSpeed, resume per the config."""
+    from job.model.checkpointing import enable_block_checkpointing
     from job.model.source import local_model_path
     from job.model.transformer import load_dtype, load_transformer
     from job.train.checkpointer import Checkpointer
-    from job.train.optimizers import build_optimizer
+    from job.train.optimizers import build_optimizer, optimizer_overrides
     from job.train.run import TrainingRun, resume_state
     from job.train.schedule import build_lr_scheduler
 
@@ -115,10 +116,12 @@ def build_full_rank_trainer(
     )
     transformer = load_transformer(local_model_path(job, workdir), dtype=load_dtype(job))
     if job.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        enable_block_checkpointing(transformer, job.gradient_checkpointing_interval)
     transformer.requires_grad_(True)
     transformer.train()
-    optimizer = build_optimizer(job.optimizer, transformer.parameters(), job.learning_rate)
+    optimizer = build_optimizer(
+        job.optimizer, transformer.parameters(), job.learning_rate, optimizer_overrides(job)
+    )
     scheduler = build_lr_scheduler(job, optimizer, total)
     engine, prepared_optimizer = accelerator.prepare(transformer, optimizer)
     objects = FullRankObjects(engine=engine, optimizer=prepared_optimizer, scheduler=scheduler)

@@ -22,7 +22,8 @@ import torch
 
 from job.config.schema import JobConfig
 from job.train.checkpointer import Checkpointer
-from job.train.flow import draw_step, flow_loss, flow_target, noisy_latents, schedule_shift, step_generator
+from job.train.flow import draw_step, flow_target, noisy_latents, schedule_shift, step_generator
+from job.train.loss import training_loss
 from job.train.output import write_output
 from job.train.progress import StepReport, TrainProgress
 from job.train.state import TrainingObjects, TrainState
@@ -145,6 +146,7 @@ class Trainer(ABC):
         grad_norm = self.apply_gradients()
         self.objects.scheduler.step()
         state.step += 1
+        self.after_optimizer_step(state.step)
         state.epoch, state.batch_index = position.epoch, position.batch_index
         return StepResult(loss=float(loss_sum) / accumulation, lr=lr, grad_norm=grad_norm)
 
@@ -171,7 +173,15 @@ class Trainer(ABC):
                 noisy[regularisation], embeds[regularisation], mask[regularisation], sigmas[regularisation]
             ).float()
         prediction = self.predict(noisy, embeds, mask, sigmas)
-        return flow_loss(prediction, target)
+        job = self.job
+        return training_loss(
+            prediction,
+            target,
+            sigmas,
+            loss_type=job.loss_type,
+            huber_c=job.huber_c,
+            huber_schedule=job.huber_schedule,
+        )
 
     def predict(
         self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
@@ -215,6 +225,10 @@ class Trainer(ABC):
     def apply_gradients(self) -> float | None:
         """Apply the step's gradients; return their norm before clipping (None when not measured)."""
 
+    def after_optimizer_step(self, step: int) -> None:
+        """Called once ``step`` (counted from 1) has been applied; nothing to do unless a subclass says."""
+        return None
+
     @abstractmethod
     def save_output(self, output_dir: Path, *, config_hash: str, step: int) -> None:
         """Write the trained weights to ``output/`` (called on every process; one of them writes)."""
@@ -250,13 +264,17 @@ class LoKrTrainer(Trainer):
         self.accelerator.backward(loss / self.job.gradient_accumulation_steps)
 
     def apply_gradients(self) -> float | None:
-        # Average over processes, clip, step; EMA follows the new weights.
+        # Average over processes, clip, step.
         self._sync_gradients()
         grad_norm = self._clip_gradients()
         self.objects.optimizer.step()
-        if self.objects.ema is not None:
-            self.objects.ema.update()
         return grad_norm
+
+    def after_optimizer_step(self, step: int) -> None:
+        # The EMA follows the new weights every ema_update_interval steps (SimpleTuner's should_update_ema).
+        ema = self.objects.ema
+        if ema is not None and step % self.job.ema_update_interval == 0:
+            ema.update(step)
 
     def save_output(self, output_dir: Path, *, config_hash: str, step: int) -> None:
         if self.accelerator.is_main_process:

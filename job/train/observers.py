@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from job.context import JobContext
     from job.train.loop import StepResult
     from job.train.run import TrainingRun
+    from job.validate.render import Adapter
 
 log = logging.getLogger("lokr")
 
@@ -50,6 +51,7 @@ class TrainingObserver:
         trackers: Trackers,
         webhook: Webhook,
         renders: bool = True,
+        adapter: Adapter | None = None,
     ) -> None:
         self.ctx = ctx
         self.job = ctx.config.job
@@ -60,6 +62,7 @@ class TrainingObserver:
         self.trackers = trackers
         self.webhook = webhook
         self.renders = renders  # False: the main process cannot run the model alone (ZeRO-3 shards)
+        self.adapter = adapter  # the LoKr, rendered at validation_lycoris_strength (None: full-rank)
         self.prompts = validation_prompts(ctx.config)
         self.validation_dir = ctx.workdir.output / "validation"
         self.last_validated: int | None = None
@@ -81,6 +84,7 @@ class TrainingObserver:
             ),
             webhook=Webhook(ctx.config.job.webhook_url, run_name=run_name(ctx)),
             renders=run.renders,
+            adapter=getattr(trainer, "network", None),
         )
         if trainer.checkpointer is not None:
             trainer.checkpointer.on_complete.append(observer.on_checkpoint)
@@ -182,6 +186,7 @@ class TrainingObserver:
                 step,
                 self.validation_dir,
                 embeddings=self.data.sample_embedding if cached else None,
+                adapter=self.adapter,
             )
         finally:
             del pipeline

@@ -121,11 +121,11 @@ def build_trainer(
     from job.model.lokr import attach_lokr
     from job.model.offload import apply_group_offload
     from job.model.source import local_model_path
-    from job.model.transformer import input_dtype, load_dtype, load_transformer, prepare_base_model
+    from job.model.transformer import load_dtype, load_transformer, prepare_base_model
     from job.train.checkpointer import Checkpointer
     from job.train.ema import AdapterEMA
     from job.train.loop import LoKrTrainer
-    from job.train.optimizers import adapter_dtype, build_optimizer
+    from job.train.optimizers import adapter_dtype, build_optimizer, optimizer_overrides
     from job.train.schedule import build_lr_scheduler
     from job.train.state import TrainingObjects, load_training_state, save_training_state
 
@@ -146,12 +146,18 @@ def build_trainer(
     network.to(device=accelerator.device, dtype=adapter_dtype(job.optimizer))
     network.requires_grad_(True)
     offload = apply_group_offload(transformer, job, workdir.offload, accelerator.device)
-    optimizer = build_optimizer(job.optimizer, network.parameters(), job.learning_rate)
+    optimizer = build_optimizer(
+        job.optimizer, network.parameters(), job.learning_rate, optimizer_overrides(job)
+    )
     objects = TrainingObjects(
         network=network,
         optimizer=optimizer,
         scheduler=build_lr_scheduler(job, optimizer, total),
-        ema=AdapterEMA(list(network.named_parameters()), job.ema_decay) if job.use_ema else None,
+        ema=(
+            AdapterEMA(list(network.named_parameters()), job.ema_decay, warmup_steps=job.ema_warmup_steps)
+            if job.use_ema
+            else None
+        ),
         lycoris=config.lycoris,
     )
 
@@ -179,7 +185,8 @@ def build_trainer(
         objects=objects,
         data=data,
         job=job,
-        input_dtype=input_dtype(transformer, job),
+        # prepare_base_model cast the weights to load_dtype: the inputs follow them.
+        input_dtype=load_dtype(job),
         checkpointer=checkpointer,
         should_stop=should_stop,
     )

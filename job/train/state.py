@@ -3,7 +3,7 @@
 Layout of ``checkpoint-<step:08d>/``:
 
 - ``lokr.safetensors``: the adapter in LyCORIS's key format (loadable as is, like the final output)
-- ``ema.safetensors``: the EMA weights and update count (``use_ema`` only)
+- ``ema.safetensors``: the EMA weights (``use_ema`` only)
 - ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s (``torch.load(weights_only=True)`` reads them)
 - ``rng.pt``: the Python, NumPy, torch CPU and CUDA generator states (of the main process: a step's
   own randomness comes from ``flow.step_generator``, so these only matter to code outside the step)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from job.track.logs import adopt_library_loggers
 
@@ -25,6 +25,14 @@ log = logging.getLogger("lokr.validate")
 
 # A prompt's cached text embedding [L, D] and mask [L], or None when it was not cached.
 EmbeddingLookup = Callable[[str], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+class Adapter(Protocol):
+    """What validation needs of the LyCORIS network: its multiplier, to render at another strength."""
+
+    multiplier: float
+
+    def set_multiplier(self, multiplier: float) -> None: ...
 
 
 def build_validation_pipeline(
@@ -64,6 +72,7 @@ def render_validation(
     out_dir: Path,
     *,
     embeddings: EmbeddingLookup | None = None,
+    adapter: Adapter | None = None,
 ) -> list[Path]:
     """Render every prompt at every ``validation_resolution`` into ``out_dir/step-<step>/``.
 
@@ -71,6 +80,9 @@ def render_validation(
     paths come back in prompt order, resolutions inner, so ``{p.stem: p for p in paths}`` keys them for
     ``Trackers.log_images``. With ``embeddings``, prompts (and the negative prompt) it knows skip the
     text encoder: warm cached them padded to ``max_token_length``, as the pipeline would pad them.
+    ``adapter`` (the LoKr being trained) renders at ``validation_lycoris_strength`` and gets its own
+    multiplier back afterwards, as SimpleTuner's validation sets it (simpletuner/helpers/training/
+    validation.py, ``setup_pipeline``): the weights, and so the saved adapter, are untouched.
     """
     import torch
 
@@ -85,6 +97,7 @@ def render_validation(
         with (
             torch.no_grad(),
             guidance_rescale(transformer, job.validation_guidance, job.validation_guidance_rescale),
+            adapter_strength(adapter, job.validation_lycoris_strength),
         ):
             for nickname, prompt in prompts.items():
                 for width, height in sizes:
@@ -124,6 +137,20 @@ def _prompt_arguments(prompt: str, negative: str, embeddings: EmbeddingLookup | 
         ),
         "negative_prompt_attention_mask": negative_mask.unsqueeze(0),
     }
+
+
+@contextmanager
+def adapter_strength(adapter: Adapter | None, strength: float) -> Iterator[None]:
+    """Within the block the adapter applies at ``strength``; its multiplier is restored on exit."""
+    if adapter is None:
+        yield
+        return
+    trained_at = adapter.multiplier
+    adapter.set_multiplier(strength)
+    try:
+        yield
+    finally:
+        adapter.set_multiplier(trained_at)
 
 
 @contextmanager

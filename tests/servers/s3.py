@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import threading
 import time
 import urllib.request
@@ -57,6 +58,19 @@ def iam_auth(moto_url: str) -> Iterator[None]:
         yield
     finally:
         post("inf")
+
+
+def iam_user_keys(moto_url: str, name: str) -> tuple[str, str]:
+    """A moto IAM user allowed every S3 action, and its access key id and secret: keys that still work
+    once ``iam_auth`` is on (moto generates them in AWS's shapes, ``AKIA`` + 16 and 40 characters)."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=moto_url, region_name="us-east-1")
+    iam.create_user(UserName=name)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
 
 
 class FaultProxy:

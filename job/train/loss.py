@@ -1,0 +1,56 @@
+"""The training loss for flow matching, by ``loss_type``, as SimpleTuner computes it for AuraFlow.
+
+SimpleTuner (simpletuner/helpers/models/common.py: ``loss``, ``conditional_loss``,
+``compute_scheduled_huber_c``) offers three losses for flow-matching models, all in fp32:
+
+- ``l2``: mean squared error;
+- ``huber``: 2c·(√(d² + c²) − c), quadratic near 0 and linear (slope 2c) far out;
+- ``smooth_l1``: 2·(√(d² + c²) − c), the same curve divided by c.
+
+c is ``huber_c`` scheduled per sample by ``huber_schedule`` from the sample's timestep t = 1000·σ
+(σ after the shift): ``constant`` keeps c; ``exponential`` is exp(ln(c)·t/1000) = c^σ;
+``snr`` is (1 − c)/(1 + s)² + c with s = √((1 − σ)/(σ + 1e-4)), so noisier samples get a larger c.
+Each sample's loss is its elementwise mean; the batch loss is the mean of those.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from job.train.flow import flow_loss
+
+LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["snr", "exponential", "constant"]
+
+
+def huber_c_per_sample(sigmas: torch.Tensor, huber_c: float, schedule: HuberSchedule) -> torch.Tensor:
+    """The c each sample's Huber loss uses, shape [B], fp32."""
+    sigmas = sigmas.float()
+    if schedule == "constant":
+        return torch.full_like(sigmas, huber_c)
+    if schedule == "exponential":
+        return torch.pow(torch.tensor(huber_c, dtype=torch.float32, device=sigmas.device), sigmas)
+    s = ((1.0 - sigmas) / (sigmas + 1e-4)).sqrt()
+    return (1 - huber_c) / (1 + s) ** 2 + huber_c
+
+
+def training_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    loss_type: LossType,
+    huber_c: float,
+    huber_schedule: HuberSchedule,
+) -> torch.Tensor:
+    """The scalar loss of one micro-batch (``sigmas``: each sample's σ, shape [B])."""
+    if loss_type == "l2":
+        # Every sample has as many elements, so the mean of per-sample means is the plain mean.
+        return flow_loss(prediction, target)
+    c = huber_c_per_sample(sigmas, huber_c, huber_schedule).to(prediction.device)
+    c = c.view(-1, *([1] * (prediction.ndim - 1)))
+    curve = torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c
+    elementwise = 2 * c * curve if loss_type == "huber" else 2 * curve
+    return elementwise.mean(dim=list(range(1, elementwise.ndim))).mean()
