@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # lokr-job: trains a LyCORIS LoKr adapter for AuraFlow as a batch job.
 #   docker build -t lokr-job .
-#   docker run --gpus all --shm-size 16g -v /workspace:/workspace \
+#   docker run --gpus all --shm-size 16g --stop-timeout 60 -v /workspace:/workspace \
 #     -e LOKR_CONFIG=s3://bucket/run/config/config.json -e LOKR_RUN_URI=s3://bucket/run -e HF_TOKEN lokr-job
+#   docker run lokr-job --help          # or: check --config ..., tiny DIR, any lokr-job command
 # docs/runpod.md, docs/vast.md and docs/kubernetes.md say more.
 #
 # Base: CUDA 12.8 because the torch pin is installed from PyTorch's cu128 index: those wheels target
@@ -68,14 +69,14 @@ LABEL org.opencontainers.image.title="lokr-job" \
 
 # /workspace is the persistent volume on RunPod and the conventional one on Vast; the work dir (NVMe
 # scratch: data, caches, checkpoints) and the Hugging Face cache live on it so a restart on the same
-# machine finds them. The durable state is LOKR_RUN_URI, not this volume.
+# machine finds them. The durable state is LOKR_RUN_URI, not this folder. No VOLUME: Docker would make
+# an anonymous volume of it on every `docker run` and leave it behind; mount one by name or host path.
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     LOKR_WORKDIR=/workspace/lokr \
     HF_HOME=/workspace/hf
 WORKDIR /workspace
-VOLUME ["/workspace"]
 
 # A batch job has no endpoint to probe: it is healthy while it runs, and its exit code says the rest.
 HEALTHCHECK NONE

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The image's entrypoint (under tini): maps the platform's conventions onto lokr-job's, then runs
-# `lokr-job run "$@"` with exec, so that SIGTERM reaches the job itself.
+# The image's entrypoint (under tini): maps the platform's conventions onto lokr-job's, then runs the job
+# with exec, so that SIGTERM reaches the job itself and its exit code is the container's.
+#
+#   IMAGE                        lokr-job run, all settings from the environment (the RunPod/Vast way)
+#   IMAGE --set k=v ...          options alone: lokr-job run with them
+#   IMAGE COMMAND [options]      lokr-job COMMAND: run, check, fetch, warm, train, publish, infer, tiny
+#   IMAGE --help | --version     answered at once; so is any command's --help
 #
 # Read here (the job reads LOKR_CONFIG, LOKR_RUN_URI, LOKR_WORKDIR, LOKR_GRACE_SECONDS, ... itself):
 #   CONFIG_URI, RUN_URI    aliases of LOKR_CONFIG and LOKR_RUN_URI, used when those are unset
@@ -25,7 +30,21 @@ die() { # die CODE MESSAGE: the job's exit codes (2 bad config, 4 no permission)
     exit "$1"
 }
 
-export LOKR_CONFIG="${LOKR_CONFIG:-${CONFIG_URI:-}}"
+# No arguments, or options alone: `run`. Anything else is lokr-job's to parse (and to refuse, exit 2).
+if (($# == 0)) || [[ "$1" == -* && "$1" != -h && "$1" != --help && "$1" != --version ]]; then
+    set -- run "$@"
+fi
+subcommand="$1"
+# Help and version need no config, no directories and no user switch: answer before any of it.
+for arg in "$@"; do
+    case "$arg" in -h | --help | --version) exec lokr-job "$@" ;; esac
+done
+
+# Only exported when set: an empty LOKR_CONFIG would hide the CLI's own "no config given" (exit 2) for
+# the commands that need one, and a --config argument serves as well.
+if [[ -n "${LOKR_CONFIG:-${CONFIG_URI:-}}" ]]; then
+    export LOKR_CONFIG="${LOKR_CONFIG:-${CONFIG_URI:-}}"
+fi
 if [[ -n "${LOKR_RUN_URI:-${RUN_URI:-}}" ]]; then
     export LOKR_RUN_URI="${LOKR_RUN_URI:-${RUN_URI:-}}"
 fi
@@ -39,16 +58,7 @@ elif [[ -n "${KUBERNETES_SERVICE_HOST:-}" ]]; then
 else
     platform="docker"
 fi
-log "platform: $platform; workdir ${LOKR_WORKDIR:-<unset>}; run uri ${LOKR_RUN_URI:-<unset>}"
-
-if [[ -z "$LOKR_CONFIG" ]]; then
-    die 2 "LOKR_CONFIG is not set: pass the config.json to train, e.g.
-    docker run --gpus all -e LOKR_CONFIG=s3://bucket/run/config/config.json -e LOKR_RUN_URI=s3://bucket/run ...
-(a local path inside the container, file://, s3://bucket/key and hf://owner/repo/path all work)"
-fi
-if [[ -z "${LOKR_RUN_URI:-}" ]]; then
-    log "LOKR_RUN_URI is not set: checkpoints stay on this machine, and a new one starts over"
-fi
+log "platform: $platform; workdir ${LOKR_WORKDIR:-<unset>}; run uri ${LOKR_RUN_URI:-<unset>: checkpoints stay on this machine}"
 
 # Local directories the job writes: the work dir, the HF cache, and a run URI that is a local path
 # (a RunPod network volume, say).
@@ -81,9 +91,12 @@ ownership and drops to uid 1000), chown the volume to $(id -u), or point LOKR_WO
     done
 fi
 
-cmd=(lokr-job run "$@")
+cmd=(lokr-job "$@")
 nproc="${LOKR_NPROC_PER_NODE:-1}"
 nnodes="${LOKR_NNODES:-1}"
+# The stages share the work among the processes of a torchrun job; check, infer and tiny are one
+# process's work (N copies would print N reports, or write one tiny job N times at once).
+case "$subcommand" in run | fetch | warm | train | publish) ;; *) nproc=1 nnodes=1 ;; esac
 if [[ "$nproc" != 1 || "$nnodes" != 1 ]]; then
     launch=(python3 "$(dirname "${BASH_SOURCE[0]}")/launch.py" --nproc-per-node "$nproc" --nnodes "$nnodes")
     if [[ "$nnodes" != 1 ]]; then

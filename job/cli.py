@@ -183,7 +183,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_infer(args, None)
         return
     if not args.config:
-        raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
+        raise ConfigError(
+            "no config given: pass --config URI or set LOKR_CONFIG (config.json as a path, s3://bucket/key "
+            "or hf://owner/repo/path)"
+        )
     # A remote config set is fetched into the work directory: one process per machine first (several
     # processes of a torchrun job share it), then the others find it there.
     ctx = distributed.on_each_machine_first(

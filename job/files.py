@@ -4,6 +4,11 @@ A reader (or a job killed mid-write) sees the old file or the new one, never hal
 temporary file beside the target, then ``os.replace`` swaps it in (atomic on POSIX within one
 filesystem). ``durable=True`` also fsyncs the data first, for what must survive a power cut
 (checkpoints, the adapter); caches can always be rebuilt and skip it.
+
+Everything the job leaves behind has the modes a plain ``open()`` or ``mkdir()`` would give (0644 and
+0755 under the usual umask 022), whoever wrote it: the image's non-root user must read what root wrote
+(a tiny job, a mounted run URI). Temporary files and folders (``mkstemp``, ``mkdtemp``: 0600 and 0700)
+and safetensors' ``save_file`` (0600 whatever the umask) would leave them private to their owner.
 """
 
 import hashlib
@@ -27,11 +32,56 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool =
             write(Path(temporary))
         if durable:
             fsync_file(Path(temporary))
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 is for secrets; these files are not
+        os.chmod(temporary, file_mode())  # mkstemp's 0600 is for secrets; these files are not
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode ``mkdir()`` gives a new folder under the process umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    # Read, not set: os.umask can only swap it, and a file another thread created meanwhile would get
+    # the wrong mode. /proc/self/status has it since Linux 4.7; elsewhere swap it back at once.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_folder(parent: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp(prefix=prefix, dir=parent)`` for a folder that is renamed into place when full:
+    it gets ``mkdir()``'s mode rather than mkdtemp's 0700, which it would keep after the rename."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(folder_mode())
+    return folder
+
+
+def share_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ``open()`` and ``mkdir()`` would have given, after
+    writers that ignore the umask (safetensors' ``save_file``, ``save_pretrained`` through it)."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(root, folders)
+    for parent, subfolders, names in os.walk(root):  # links to folders are listed, never entered
+        for name in subfolders + names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):  # chmod would follow it out of the tree
+                os.chmod(path, folders if os.path.isdir(path) else files)
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:

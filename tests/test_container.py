@@ -10,6 +10,8 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from job.errors import ExitCode
+from job.files import make_temp_folder, share_tree, write_bytes_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -370,12 +373,6 @@ def entrypoint(stubs: Path, *args: str, **env: str) -> subprocess.CompletedProce
     return subprocess.run(["bash", str(ENTRYPOINT), *args], env=base | env, capture_output=True, text=True)
 
 
-def test_entrypoint_without_config_exits_2(stubs: Path) -> None:
-    out = entrypoint(stubs)
-    assert out.returncode == ExitCode.BAD_CONFIG
-    assert "LOKR_CONFIG is not set" in out.stderr and "lokr-job" not in out.stdout
-
-
 def test_entrypoint_execs_lokr_job_run_with_aliases(stubs: Path) -> None:
     out = entrypoint(stubs, "--set", "seed=1", CONFIG_URI="s3://b/c.json", RUN_URI="s3://b/run", STUB_RC="3")
     assert out.returncode == ExitCode.BAD_DATA  # exec: the job's code is the container's
@@ -391,6 +388,33 @@ def test_entrypoint_launches_one_process_per_gpu_and_node(stubs: Path) -> None:
     assert out.stdout.split() == ["python3", launch, "--nproc-per-node", "gpu", "--nnodes", "2",
                                   "--node-rank", "1", "--master-addr", "lokr-job-0.lokr-job",
                                   "--master-port", "29500", "--no-python", "lokr-job", "run"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["check", "tiny", "train", "infer"])
+def test_entrypoint_runs_the_command_given_and_passes_its_exit_code(stubs: Path, command: str) -> None:
+    out = entrypoint(stubs, command, "--config", "c.json", STUB_RC=str(ExitCode.NO_PERMISSION))
+    assert out.returncode == ExitCode.NO_PERMISSION
+    assert out.stdout.strip() == f"lokr-job {command} --config c.json"
+
+
+def test_entrypoint_launches_only_the_stages_under_torchrun(stubs: Path) -> None:
+    check = entrypoint(stubs, "check", LOKR_CONFIG="c.json", LOKR_NPROC_PER_NODE="2")
+    assert check.returncode == 0 and check.stdout.strip() == "lokr-job check"  # one report, not two
+    train = entrypoint(stubs, "train", LOKR_CONFIG="c.json", LOKR_NPROC_PER_NODE="2")
+    assert train.stdout.split() == ["python3", str(ENTRYPOINT.parent / "launch.py"), "--nproc-per-node", "2",
+                                    "--nnodes", "1", "--standalone", "--no-python", "lokr-job", "train"]  # fmt: skip
+
+
+def test_entrypoint_passes_sigterm_to_the_job(stubs: Path) -> None:
+    """exec all the way: the signal reaches the job itself, and the job's exit code is the container's."""
+    (stubs / "lokr-job").write_text(
+        "#!/bin/sh\ntrap 'exit 75' TERM\necho ready\nwhile :; do sleep 0.1; done\n"
+    )
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "LOKR_WORKDIR": str(stubs.parent / "work")}
+    with subprocess.Popen(["bash", str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == ExitCode.TRANSIENT
 
 
 @pytest.mark.parametrize(("code", "stopped"), [(0, True), (2, True), (75, False), (143, False)])
@@ -422,9 +446,157 @@ def test_entrypoint_refuses_an_unwritable_workdir_as_non_root(stubs: Path, tmp_p
     assert "not writable" in out.stderr
 
 
+USER_DOCS = ["README.md", "docs/runpod.md", "docs/vast.md", "docs/kubernetes.md"]
+
+
+def docker_runs(text: str) -> list[str]:
+    """The `docker run` commands in a document, continuation lines joined."""
+    joined = text.replace("\\\n", " ")
+    return [m.group(0) for m in re.finditer(r"docker run [^\n`]*", joined)]
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_docs_docker_runs_outlast_the_grace_budget_and_name_their_volume(doc: str) -> None:
+    from job.train.preemption import DEFAULT_GRACE_SECONDS
+
+    for command in docker_runs((ROOT / doc).read_text()):
+        if "LOKR_CONFIG=" not in command:
+            continue  # --help, check: nothing to checkpoint, nothing to stop gracefully
+        # Docker's default stop timeout (10 s) SIGKILLs the job inside its grace budget.
+        timeout = re.search(r"--stop-timeout[ =](\d+)", command)
+        assert timeout and int(timeout.group(1)) >= DEFAULT_GRACE_SECONDS + 20, f"{doc}: {command}"
+        assert re.search(r"-v \S+:/workspace\b", command), f"{doc}: mount /workspace explicitly: {command}"
+
+
+def test_dockerfile_declares_no_volume() -> None:
+    """VOLUME makes an anonymous volume on every `docker run`, left behind when the container goes."""
+    assert not re.search(r"^VOLUME\b", (ROOT / "Dockerfile").read_text(), re.M)
+
+
+def test_readme_and_manifests_agree_on_what_is_retried(rendered: dict) -> None:
+    table = (ROOT / "README.md").read_text().split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    rows = [[cell.strip() for cell in row.split("|")] for row in table.splitlines()]
+    retried = {int(r[1]): r[3] != "no" for r in rows if r[1].isdigit() and int(r[1]) != ExitCode.OK}
+    (job,) = jobs(rendered["base"])
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail = {code for r in rules if r["action"] == "FailJob" for code in r["onExitCodes"]["values"]}
+    assert set(retried) >= {*fail, ExitCode.BUG, ExitCode.TRANSIENT}
+    assert retried == {code: code not in fail for code in retried}
+
+
+def test_constraints_name_the_images_python() -> None:
+    """The pins are resolved on CI's Python; the header says which Python the image installs them with."""
+    base = re.search(r"^ARG CUDA_IMAGE=\S+-ubuntu(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    image_python = {"22.04": "3.10", "24.04": "3.12"}[base.group(1)]  # each Ubuntu release's python3
+    constraints = (ROOT / "docker" / "constraints.txt").read_text()
+    assert f"the image installs them with Python {image_python}." in constraints
+    spec = importlib.util.spec_from_file_location("lokr_constraints", ROOT / "docker" / "constraints.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert image_python == generator.IMAGE_PYTHON
+
+
 def test_platform_docs_cover_preemption_and_exit_codes() -> None:
     for name in ("runpod.md", "vast.md", "kubernetes.md"):
         text = (ROOT / "docs" / name).read_text()
         for needle in ("LOKR_CONFIG", "LOKR_RUN_URI", "LOKR_GRACE_SECONDS", "HF_TOKEN", "75", "/workspace"):
             assert needle in text, f"docs/{name} does not mention {needle}"
     assert "terminationGracePeriodSeconds" in (ROOT / "docs" / "kubernetes.md").read_text()
+
+
+# --- docker/entrypoint.sh with the real lokr-job (the venv's) ---------------------------------------------
+def real_entrypoint(
+    tmp_path: Path, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess:
+    """The entrypoint as the image runs it, minus the image: umask 022 (Docker's), no LOKR_CONFIG."""
+    base = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LOKR_WORKDIR": str(tmp_path / "work"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",  # a busy 2-core CI box: more threads only make the tiny job crawl
+    }
+    return subprocess.run(
+        ["bash", "-c", 'umask 022 && exec bash "$@"', "-", str(ENTRYPOINT), *args],
+        env=base | env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["run", "--help"], ["--version"]])
+def test_entrypoint_answers_help_at_once_without_a_config(tmp_path: Path, args: list[str]) -> None:
+    out = real_entrypoint(tmp_path, *args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lokr-job " if args == ["--version"] else "usage: lokr-job")
+    assert out.stderr == ""  # no platform line, no directories made, no user switch: only the answer
+    assert not (tmp_path / "work").exists()
+
+
+def test_entrypoint_without_any_config_exits_2_with_one_message(tmp_path: Path) -> None:
+    out = real_entrypoint(tmp_path)  # the RunPod/Vast way, with LOKR_CONFIG forgotten
+    assert out.returncode == ExitCode.BAD_CONFIG, out.stderr
+    said = [line for line in out.stderr.splitlines() if "LOKR_CONFIG" in line or "no config" in line]
+    assert len(said) == 1 and "no config given" in said[0] and "LOKR_CONFIG" in said[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_entrypoint_checks_the_tiny_job_given_by_argument(tmp_path: Path, tiny_job: Path) -> None:
+    out = real_entrypoint(tmp_path, "check", "--config", str(tiny_job), timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+# --- what the job writes is readable by every user: the image's own, when root wrote it -----------------
+def assert_readable_by_others(root: Path) -> None:
+    """Every file o+r, every folder o+rx: what a plain open()/mkdir() gives under umask 022."""
+    private = [
+        f"{path.relative_to(root)} {stat.filemode(path.stat().st_mode)}"
+        for path in [root, *root.rglob("*")]
+        if not path.is_symlink()
+        and (path.stat().st_mode & 0o005 != 0o005 if path.is_dir() else not path.stat().st_mode & 0o004)
+    ]
+    assert private == [], f"not readable by other users under {root}"
+
+
+def test_job_files_get_the_modes_open_gives(tmp_path: Path) -> None:
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x")
+    outside.chmod(0o600)
+    old = os.umask(0o027)
+    try:
+        write_bytes_atomic(tmp_path / "a" / "file", b"data")  # through mkstemp (0600)
+        folder = make_temp_folder(tmp_path, ".staging-")  # mkdtemp (0700)
+        (folder / "sub").mkdir(mode=0o700)
+        (folder / "sub" / "weights").write_bytes(b"w")
+        (folder / "sub" / "weights").chmod(0o600)  # as safetensors' save_file leaves it
+        (folder / "link").symlink_to(outside)
+        share_tree(folder)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a" / "file").stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o750
+    assert stat.S_IMODE((folder / "sub" / "weights").stat().st_mode) == 0o640
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600  # a link is not followed out of the tree
+
+
+@pytest.mark.timeout(300)
+def test_tiny_job_written_through_the_entrypoint_is_readable_by_others(tmp_path: Path) -> None:
+    out = real_entrypoint(tmp_path, "tiny", str(tmp_path / "tiny"), timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list((tmp_path / "tiny" / "model").rglob("*.safetensors"))
+    assert_readable_by_others(tmp_path / "tiny")
+
+
+@pytest.mark.timeout(600)
+def test_training_output_and_checkpoints_are_readable_by_others(tmp_path: Path, tiny_job: Path) -> None:
+    steps = ["--set", "max_train_steps=2", "--set", "checkpoint_step_interval=1"]
+    run_uri = tmp_path / "run"
+    out = real_entrypoint(
+        tmp_path, "run", "--config", str(tiny_job), *steps, LOKR_RUN_URI=str(run_uri), timeout=580
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    work = tmp_path / "work"
+    assert list((work / "checkpoints").glob("checkpoint-*/*.safetensors"))
+    assert list((work / "output").glob("*.safetensors"))
+    for root in (work / "output", work / "checkpoints", run_uri):
+        assert_readable_by_others(root)

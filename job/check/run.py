@@ -110,7 +110,10 @@ def check_command(
 
     try:
         if not config_uri:
-            raise ConfigError("no config given: pass --config URI or set LOKR_CONFIG")
+            raise ConfigError(
+                "no config given: pass --config URI or set LOKR_CONFIG (config.json as a path, s3://bucket/key "
+                "or hf://owner/repo/path)"
+            )
         ctx = open_context(config_uri, workdir, run_uri, overrides)
     except JobError as exc:
         if as_json:

@@ -63,6 +63,7 @@ from torch.utils._pytree import tree_flatten
 
 from job.config.schema import JobConfig
 from job.errors import ConfigError
+from job.files import write_atomic
 
 log = logging.getLogger("lokr")
 
@@ -272,9 +273,7 @@ class DiskStore:
             and path.stat().st_size == previous.get("bytes")
         ):
             return previous, False
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(host, str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file(host, str(tmp)))  # not save_file's 0600
         return {"file": path.name, "sha256": digest, "bytes": path.stat().st_size}, True
 
     def _read_manifest(self) -> dict[str, dict[str, Any]]:

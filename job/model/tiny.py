@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from job.files import make_temp_folder, share_tree
 
 if TYPE_CHECKING:
     from diffusers import AuraFlowTransformer2DModel, AutoencoderKL
@@ -199,12 +200,13 @@ def build_tiny_pipeline(dest: Path) -> None:
     )
     # Write beside dest and swap in, so a reader never sees half a model.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    # mkdtemp makes it 0700; baked into an image as root, the job's non-root user could not read it.
-    tmp.chmod(0o755)
+    tmp = make_temp_folder(dest.parent, f".{dest.name}.")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         _normalise_json(tmp)
+        # Its safetensors files are 0600: written by root (an image build, a root container), the job's
+        # non-root user could not load the model.
+        share_tree(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.files import fsync_dir, fsync_file, sha256_file
+from job.files import fsync_dir, fsync_file, sha256_file, share_tree
 
 log = logging.getLogger("lokr")
 
@@ -61,6 +61,9 @@ def shared_staging_folder(root: Path, step: int) -> Path:
 def seal_checkpoint(root: Path, step: int, temp: Path) -> Path:
     """Marker, then rename the filled ``temp`` folder to ``root/checkpoint-<step>``; return that path."""
     final = root / checkpoint_name(step)
+    # mkdtemp's 0700 and safetensors' 0600 would keep a checkpoint from anyone but its writer (the image's
+    # user, when root wrote it; the next machine, when a local run URI copies the modes).
+    share_tree(temp)
     write_marker(temp, step)
     if final.exists():
         # An incomplete or stale folder of the same step (e.g. from before a crash) gives way.

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.config.schema import LycorisConfig
-from job.files import fsync_dir, fsync_file, sha256_file, write_atomic
+from job.files import fsync_dir, fsync_file, make_temp_folder, sha256_file, share_tree, write_atomic
 from job.model.lokr import lycoris_settings, save_adapter
 
 if TYPE_CHECKING:
@@ -73,9 +72,10 @@ def write_full_output(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULT_FILE).unlink(missing_ok=True)
     final = output_dir / TRANSFORMER_DIR
-    staging = Path(tempfile.mkdtemp(prefix=f".{TRANSFORMER_DIR}-", dir=output_dir))
+    staging = make_temp_folder(output_dir, f".{TRANSFORMER_DIR}-")
     try:
         save_transformer(staging)
+        share_tree(staging)  # save_pretrained's safetensors files are 0600 whatever the umask
         for path in staging.rglob("*"):
             if path.is_file():
                 fsync_file(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from job import distributed
 from job.context import JobContext
+from job.files import make_temp_folder
 from job.lease import fence
 from job.storage import join, parse_uri, storage_for
 from job.track.redact import redact
@@ -97,7 +98,7 @@ def download_newer_checkpoint(run_uri: str, local_root: Path) -> Path | None:
             return None
         name = checkpoint_name(step)
         local_root.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step:08d}.remote.", dir=local_root))
+        temp = make_temp_folder(local_root, f".checkpoint-{step:08d}.remote.")
         try:
             storage.download_prefix(join(remote_root(run_uri), name), temp, progress=False)
             manifest = temp / ".lokr-manifest.json"
