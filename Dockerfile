@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # lokr-job: trains a LyCORIS LoKr adapter for AuraFlow as a batch job.
 #   docker build -t lokr-job .
 #   docker run --gpus all --shm-size 16g --stop-timeout 60 -v /workspace:/workspace \
@@ -15,7 +14,7 @@
 # NVIDIA_* variables that make the container toolkit mount the driver, and Ubuntu 24.04's Python 3.12.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
-FROM ${CUDA_IMAGE} AS builder
+FROM ${CUDA_IMAGE} AS deps
 ARG DEBIAN_FRONTEND=noninteractive
 # Distribution packages are not pinned: the base tag fixes the release and Ubuntu replaces old versions
 # in its archive, so exact pins would break every rebuild after a security update.
@@ -27,17 +26,27 @@ WORKDIR /src
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # Extras to bake in, e.g. "deepspeed" (not pinned in docker/constraints.txt; its JIT ops need nvcc).
 ARG EXTRAS=""
+# A network that re-signs TLS (a corporate proxy) needs its CA bundle for pip; it comes in as a build
+# secret, never as a layer:  docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LOKR_VENV=/opt/venv \
     LOKR_EXTRAS=${EXTRAS} \
+    LOKR_CA_BUNDLE=/run/secrets/ca-bundle \
     TORCH_INDEX_URL=${TORCH_INDEX_URL}
-# Dependencies first: this layer (torch alone is gigabytes) survives every change under job/.
+# Only what decides the dependencies: this stage (torch alone is gigabytes) survives every change
+# under job/, and so does the runtime layer copied from it.
 COPY docker/install.sh docker/constraints.txt docker/
 COPY pyproject.toml ./
-RUN --mount=type=cache,target=/root/.cache/pip LOKR_INSTALL=deps bash docker/install.sh
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca-bundle \
+    LOKR_INSTALL=deps bash docker/install.sh
+
+# lokr-job itself, as a wheel: the runtime stage installs it in a layer of its own (hundreds of KB), so
+# a code change ships that layer and not the venv.
+FROM deps AS project
 COPY README.md ./
 COPY job/ job/
-RUN --mount=type=cache,target=/root/.cache/pip LOKR_INSTALL=project bash docker/install.sh
+# The venv's own setuptools (torch needs it) builds it: no isolated build environment to download.
+RUN /opt/venv/bin/python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM ${CUDA_IMAGE} AS runtime
 ARG CUDA_IMAGE
@@ -55,8 +64,11 @@ RUN apt-get update \
     && useradd --uid 1000 --gid lokr --create-home --shell /bin/bash lokr \
     && mkdir -p /workspace/lokr /workspace/hf \
     && chown -R lokr:lokr /workspace
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
 COPY --chmod=0755 docker/entrypoint.sh docker/launch.py /opt/lokr/docker/
+# Last, so that a code change rebuilds this small layer and nothing before it.
+RUN --mount=type=bind,from=project,source=/wheels,target=/wheels \
+    /opt/venv/bin/python -m pip install --no-deps --no-index --no-cache-dir /wheels/*.whl
 
 ARG VERSION=0.1.0
 ARG REVISION=unknown

@@ -8,10 +8,12 @@
 #                    own configuration (PyPI, find-links: CI's CPU wheel)
 #   TORCH_SPEC       torch requirement                                 default the torch== line of constraints.txt
 #   LOKR_EXTRAS      extras of lokr-job to install, comma-separated    default none (CI: dev)
-#   LOKR_INSTALL     all | deps | project                              default all
-#                    deps: torch and the pinned dependencies only (the image's cacheable layer);
-#                    project: lokr-job itself, --no-deps (after deps)
+#   LOKR_INSTALL     all | deps                                        default all
+#                    deps: torch and the pinned dependencies only (the image's cacheable layer; the
+#                    image installs lokr-job itself from a wheel, in a layer of its own)
 #   LOKR_EDITABLE    1: pip install -e (a developer's or CI's checkout) default 0
+#   LOKR_CA_BUNDLE   CA bundle pip trusts, used when the file exists    default none
+#                    (the image build's `ca-bundle` secret, for a network that re-signs TLS)
 #
 # Example (CI):  LOKR_VENV=.venv TORCH_INDEX_URL= LOKR_EXTRAS=dev LOKR_EDITABLE=1 docker/install.sh
 set -euo pipefail
@@ -26,9 +28,12 @@ torch_spec="${TORCH_SPEC:-$(grep -m1 '^torch==' "$constraints")}"
 extras="${LOKR_EXTRAS:-}"
 mode="${LOKR_INSTALL:-all}"
 editable="${LOKR_EDITABLE:-0}"
+if [[ -s "${LOKR_CA_BUNDLE:-}" ]]; then
+    export PIP_CERT="$LOKR_CA_BUNDLE"
+fi
 
-case "$mode" in all | deps | project) ;; *)
-    echo "install.sh: LOKR_INSTALL must be all, deps or project, not '$mode'" >&2
+case "$mode" in all | deps) ;; *)
+    echo "install.sh: LOKR_INSTALL must be all or deps, not '$mode'" >&2
     exit 2
     ;;
 esac
@@ -36,14 +41,12 @@ esac
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
 
-if [[ "$mode" != project ]]; then
-    # torch first, from the index that decides its build: with --index-url pip cannot pick PyPI's
-    # default build instead. Its nvidia-*/triton dependencies come pinned by the wheel itself.
-    if [[ -n "$torch_index" ]]; then
-        "${pip[@]}" install --index-url "$torch_index" "$torch_spec"
-    else
-        "${pip[@]}" install "$torch_spec"
-    fi
+# torch first, from the index that decides its build: with --index-url pip cannot pick PyPI's
+# default build instead. Its nvidia-*/triton dependencies come pinned by the wheel itself.
+if [[ -n "$torch_index" ]]; then
+    "${pip[@]}" install --index-url "$torch_index" "$torch_spec"
+else
+    "${pip[@]}" install "$torch_spec"
 fi
 
 if [[ "$mode" == deps ]]; then
@@ -63,7 +66,6 @@ else
     target="$project"
     [[ -n "$extras" ]] && target="${project}[${extras}]"
     args=(-c "$constraints")
-    [[ "$mode" == project ]] && args+=(--no-deps)
     [[ "$editable" == 1 ]] && args+=(-e)
     "${pip[@]}" install "${args[@]}" "$target"
 fi

@@ -58,6 +58,7 @@ INSTALL_ENV = {
     "LOKR_EXTRAS",
     "LOKR_INSTALL",
     "LOKR_EDITABLE",
+    "LOKR_CA_BUNDLE",
     "TORCH_INDEX_URL",
     "TORCH_SPEC",
     "PYTHON",
