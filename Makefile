@@ -10,13 +10,22 @@ $(VENV)/.installed: pyproject.toml docker/install.sh docker/constraints.txt
 	LOKR_VENV=$(VENV) PYTHON=$(PYTHON) TORCH_INDEX_URL= LOKR_EXTRAS=dev LOKR_EDITABLE=1 bash docker/install.sh
 	touch $@
 
+# SkyPilot, which tests/test_skypilot.py reads sky/lokr-job.yaml with, in a venv of its own inside this one:
+# every skypilot release requires click<8.2, which lokr-job's huggingface_hub and wandb cannot run with.
+$(VENV)/sky/.installed: sky/requirements.txt
+	rm -rf $(VENV)/sky
+	$(PYTHON) -m venv $(VENV)/sky
+	$(VENV)/sky/bin/python -m pip install -r sky/requirements.txt
+	$(VENV)/sky/bin/python -m pip check
+	touch $@
+
 demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(VENV)/bin/lokr-job tiny $(DEMO)/tiny
 	$(VENV)/bin/lokr-job run --config $(DEMO)/tiny/config/config.json --workdir $(DEMO)/work
 	@echo "adapter: $(DEMO)/work/output/pytorch_lora_weights.safetensors"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/sky/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest
