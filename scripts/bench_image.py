@@ -47,7 +47,8 @@ def machine() -> str:
 
 
 def docker_version() -> str:
-    return docker_sandbox.run([docker_sandbox.CLIENT, "--version"], what="docker --version").stdout.strip()
+    version = docker_sandbox.run([docker_sandbox.CLIENT, "--version"], what="docker --version").stdout
+    return version.strip().removeprefix("Docker version ")
 
 
 def main() -> int:
