@@ -19,7 +19,7 @@ from job.track.logs import log_thread_deaths, setup_logging
 log = logging.getLogger("lokr")
 
 STAGES = ("fetch", "warm", "train", "publish")
-# Commands that stop cleanly on SIGTERM/SIGINT (exit 75 with their work saved; see job.train.preemption).
+# Commands that stop cleanly on SIGTERM/SIGINT (exit 75 with their work saved; see job.preemption).
 PREEMPTIBLE = ("run", "fetch", "warm", "train")
 
 _EPILOG = """\
@@ -117,7 +117,7 @@ def _add_recipe_option(sub: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from job.train.preemption import exit_if_signalled
+    from job.preemption import exit_if_signalled
 
     # After SIGTERM/SIGINT the process exits here, not through the interpreter's seconds-long teardown.
     return exit_if_signalled(_main(argv))
@@ -128,7 +128,7 @@ def _main(argv: Sequence[str] | None) -> int:
     setup_logging()
     log_thread_deaths()
     if args.command in PREEMPTIBLE:
-        from job.train import preemption
+        from job import preemption
 
         preemption.install()
     try:

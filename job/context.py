@@ -25,7 +25,7 @@ def open_context(
     or the Hub is first fetched, with the files it references, into the work directory."""
     work = WorkDir(Path(workdir))
     if is_remote(config_uri):
-        from job.fetch.config import fetch_config
+        from job.config.remote import fetch_config
 
         local, origin = fetch_config(config_uri, work, overrides)
         config = load_config(local, overrides, remote_origin=origin)

@@ -2,8 +2,8 @@
 
 A reader (or a job killed mid-write) sees the old file or the new one, never half: the data goes to a
 temporary file beside the target, then ``os.replace`` swaps it in (atomic on POSIX within one
-filesystem). ``durable=True`` also fsyncs the data first, for what must survive a power cut
-(checkpoints, the adapter); caches can always be rebuilt and skip it.
+filesystem). ``durable=True`` also fsyncs the data before the rename and the folder after it, for what
+must survive a power cut (checkpoints, the adapter); caches can always be rebuilt and skip it.
 
 Everything the job leaves behind has the modes a plain ``open()`` or ``mkdir()`` would give (0644 and
 0755 under the usual umask 022), whoever wrote it: the image's non-root user must read what root wrote
@@ -22,13 +22,25 @@ from typing import Any
 from job.oserrors import writing
 
 
-def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = False) -> None:
-    """Call ``write(temporary_path)`` and move the result to ``path``."""
+def write_atomic(
+    path: Path,
+    write: Callable[[Path], object],
+    *,
+    durable: bool = False,
+    suffix: str = ".tmp",
+    size: int | None = None,
+) -> None:
+    """Call ``write(temporary_path)`` and move the result to ``path``.
+
+    The temporary file is ``.<name>.<random><suffix>`` beside ``path`` (a folder that is synced names
+    its own suffix, so a leftover one is never uploaded); ``size``, when known, goes into the full-disk
+    error. ``write`` may stream into the file or replace it with a rename of its own.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        with writing(path):  # a full disk names the file, even where the writer (safetensors) does not
+        with writing(path, size):  # a full disk names the file, even where the writer (safetensors) does not
             write(Path(temporary))
         if durable:
             fsync_file(Path(temporary))
@@ -37,6 +49,8 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool =
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
 
 
 def file_mode() -> int:
@@ -84,8 +98,8 @@ def share_tree(root: Path) -> None:
                 os.chmod(path, folders if os.path.isdir(path) else files)
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
-    write_atomic(path, lambda temporary: temporary.write_bytes(data), durable=durable)
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False, suffix: str = ".tmp") -> None:
+    write_atomic(path, lambda temporary: temporary.write_bytes(data), durable=durable, suffix=suffix)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from job.config.flavours import DEFAULT_FLAVOUR, FLAVOUR_REPOS, flavour_of, token_limit
 from job.errors import ConfigError
-from job.model.flavours import DEFAULT_FLAVOUR, FLAVOUR_REPOS, flavour_of, token_limit
+from job.progress import Progress
 from job.publish.card import ADAPTER_FILENAME
 from job.track.logs import adopt_library_loggers
-from job.track.progress import Progress
 from job.validate.prompts import safe_nickname, validation_prompts
 
 if TYPE_CHECKING:

@@ -179,7 +179,7 @@ class RunLease:
 
     def acquire(self) -> None:
         """Take the lease, waiting up to ``settings.wait`` seconds for a live holder; then keep it renewed."""
-        from job.train.preemption import current as preemption
+        from job.preemption import current as preemption
 
         deadline = time.monotonic() + self.settings.wait
         announced = False

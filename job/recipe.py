@@ -27,8 +27,8 @@ from typing import Any, Literal
 from job.config.loader import ResolvedConfig
 from job.errors import ConfigError
 from job.lease import fence
+from job.redact import redact
 from job.storage import join, storage_for
-from job.track.redact import redact
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")

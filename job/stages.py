@@ -16,14 +16,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lokr")
 
 
-def check(ctx: JobContext, *, as_json: bool = False, recipe_change: RecipeChange = "refuse") -> None:
-    """Config (already validated when loaded), access, the run's recipe, dataset census, steps, cache size
-    and VRAM."""
-    from job.check import run_check
-
-    run_check(ctx, as_json=as_json, recipe_change=recipe_change)
-
-
 # The commands that write a run's checkpoints or output, and so must belong to its recipe.
 CLAIMING = ("run", "train", "publish")
 
@@ -92,7 +84,7 @@ def warm(ctx: JobContext) -> None:
 
 def train(ctx: JobContext) -> None:
     from job import lease
-    from job.train.preemption import stop_requested
+    from job.preemption import stop_requested
     from job.train.remote import durable_checkpoints
     from job.train.run import train_adapter
 
@@ -115,9 +107,9 @@ def publish(ctx: JobContext) -> None:
 
 
 def run(ctx: JobContext) -> None:
+    from job.preemption import current as preemption
     from job.publish.reuse import finished_output
     from job.track.status import report_phase
-    from job.train.preemption import current as preemption
 
     if distributed.on_each_machine_first(lambda: finished_output(ctx)):
         log.info("run: this recipe is already trained (%s); publishing it, no training", ctx.workdir.output)

@@ -458,7 +458,7 @@ def docker_runs(text: str) -> list[str]:
 
 @pytest.mark.parametrize("doc", USER_DOCS)
 def test_docs_docker_runs_outlast_the_grace_budget_and_name_their_volume(doc: str) -> None:
-    from job.train.preemption import DEFAULT_GRACE_SECONDS
+    from job.preemption import DEFAULT_GRACE_SECONDS
 
     for command in docker_runs((ROOT / doc).read_text()):
         if "LOKR_CONFIG=" not in command:

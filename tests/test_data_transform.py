@@ -11,7 +11,7 @@ from job.data.geometry import (
     is_smaller_than,
     resolution_problem,
 )
-from job.data.transform import ASPECT_CHOICES, Transform, apply_transform, plan_transform
+from job.data.transform import ASPECT_CHOICES, Transform, TransformPlanner, apply_transform, plan_transform
 
 AURAFLOW = ModelGeometry(alignment=16, max_patches=9216)
 TINY = ModelGeometry(alignment=16, max_patches=1024)
@@ -157,6 +157,25 @@ def test_random_aspect_is_seeded_and_picks_only_listed_aspects_that_fit() -> Non
     assert len(picks) > 3 and picks <= listed
     # A 300x300 image fits only the buckets no wider or taller than itself.
     assert {pick(i, (300, 300)) for i in range(60)} <= {(w, h) for w, h in listed if w <= 300 and h <= 300}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"crop": True, "crop_style": "random"},
+        {"crop": True, "crop_aspect": "random", "crop_style": "random"},
+        {"crop": True, "crop_aspect": "closest", "crop_style": "corner"},
+        {"crop": False},
+    ],
+)
+def test_a_scan_s_planner_gives_each_image_the_transform_it_gets_alone(settings: dict[str, object]) -> None:
+    # Same-sized images of different content (a random crop or aspect tells them apart), sizes met again.
+    images = [
+        (w, h, f"{i:02x}" * 32) for i, (w, h) in enumerate([(64, 48), (64, 48), (32, 32), (48, 64)] * 3)
+    ]
+    planner = TransformPlanner(_dataset(**settings), TINY, seed=3, aspect_rounding=None)
+    planned = [planner.plan(w, h, sha) for w, h, sha in images]
+    assert planned == [_plan(w, h, seed=3, sha=sha, **settings) for w, h, sha in images]
 
 
 def test_apply_gives_an_image_of_the_bucket_size() -> None:

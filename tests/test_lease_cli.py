@@ -84,12 +84,18 @@ def trained_steps(log: str) -> list[int]:
 
 
 def test_a_second_process_on_the_run_uri_waits_then_exits_75_naming_the_holder(s3, tiny_job, tmp_path):
-    env = {**chaos.job_env(), "LOKR_LEASE_WAIT_SECONDS": "3"}
+    env = {**chaos.job_env(), "LOKR_LEASE_WAIT_SECONDS": "3", "LOKR_LEASE_TTL_SECONDS": "60"}
     run_uri = s3.uri("run")
     holder = Running(chaos.job_command(tiny_job, tmp_path / "first", run_uri), env)
     try:
         holder.wait_for(r"step \d+ trained")
-        second = lokr(chaos.job_command(tiny_job, tmp_path / "second", run_uri), env)
+        # Paused, the holder keeps its lease (60 s TTL) while the second process starts and waits, however
+        # soon it would have finished the tiny job otherwise.
+        holder.process.send_signal(signal.SIGSTOP)
+        try:
+            second = lokr(chaos.job_command(tiny_job, tmp_path / "second", run_uri), env)
+        finally:
+            holder.process.send_signal(signal.SIGCONT)
     finally:
         code = holder.finish()
 

@@ -11,7 +11,10 @@ import torch
 from test_offload_training import CPU, assert_identical, job_config, tiny_model, train
 
 from job.errors import ConfigError
-from job.model.offload import MANIFEST, OffloadedTensor, apply_group_offload, offload_settings
+from job.model.offload.apply import apply_group_offload
+from job.model.offload.settings import offload_settings
+from job.model.offload.store import MANIFEST
+from job.model.offload.tensors import OffloadedTensor
 
 pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
 

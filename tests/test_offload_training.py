@@ -17,7 +17,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from job.config.schema import JobConfig
 from job.model.lokr import attach_lokr, reset_lycoris_preset
-from job.model.offload import GroupOffload, OffloadedTensor, OffloadSettings, apply_group_offload
+from job.model.offload.apply import apply_group_offload
+from job.model.offload.hooks import GroupOffload
+from job.model.offload.settings import OffloadSettings
+from job.model.offload.tensors import OffloadedTensor
 from job.model.tiny import build_transformer
 from job.model.transformer import prepare_base_model
 

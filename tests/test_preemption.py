@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from job.errors import ExitCode, TransientError
+from job.preemption import Preemption
 from job.track.status import StatusReporter
-from job.train.preemption import Preemption
 
 # A process that installs the handlers, reports status.json as a stage does, then loops at "step boundaries".
 # argv: status path, what to do once stopped: "sleep N" (the checkpoint and upload) or "matmul" (a torch op
@@ -27,7 +27,7 @@ _LOOP = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from job.track.status import reporting
-    from job.train import preemption
+    from job import preemption
     state = preemption.install()
     with reporting(Path(sys.argv[1]), None, "train"):
         print("ready", flush=True)

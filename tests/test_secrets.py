@@ -15,7 +15,7 @@ from job.cli import main
 from job.config.loader import load_config
 from job.errors import ConfigError, ExitCode
 from job.publish.bundle import assemble_hub_folder
-from job.track.redact import is_secret_name, redact, remember_secrets
+from job.redact import is_secret_name, redact, remember_secrets
 
 # Shaped like the real thing (AKIA + 16, 40 base64 characters), so every net is exercised.
 KEY_ID = "AKIAFILEKEY000000001"

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from job.check.estimate import GIB, transformer_config, vram_estimate
+from job.config.flavours import flavour_of, token_limit
 from job.config.loader import load_config
 from job.config.schema import JobConfig
 from job.context import JobContext
 from job.errors import ConfigError, ExitCode
+from job.flow_matching import auto_shift, image_seq_len, schedule_shift
 from job.infer import add_infer_arguments, infer, run_infer
-from job.model.flavours import flavour_of, token_limit
 from job.model.transformer import load_dtype, load_transformer, prepare_base_model
-from job.train.flow import auto_shift, image_seq_len, schedule_shift
 from job.workdir import WorkDir
 
 PROMPT = "a red circle on blue"

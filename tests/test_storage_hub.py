@@ -85,6 +85,21 @@ def test_download_prefix_is_incremental(hub, pics, tmp_path: Path) -> None:
     assert (dest / "02.png").read_bytes() == b"edited on the Hub"
 
 
+def test_download_logs_progress_without_a_terminal(hub, pics, tmp_path: Path, caplog) -> None:
+    """In a container log (no TTY) a fetch reports through job.progress, not huggingface_hub's bars."""
+    total = sum(len(v) for k, v in pics.items() if k.startswith("imgs/"))
+    with caplog.at_level("INFO", logger="lokr.progress"):
+        storage_for(DATA).download_prefix(f"{DATA}/imgs", tmp_path / "all", progress=True)
+        # An update of some files takes the other path (one download per file).
+        (tmp_path / "all" / "00.png").unlink()
+        storage_for(DATA).download_prefix(f"{DATA}/imgs", tmp_path / "all", progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lokr.progress"]
+    assert [line.rsplit(" in ", 1)[0] for line in lines] == [
+        f"fetch {DATA}/imgs: finished, {total}/{total} B (100%)",
+        f"fetch {DATA}/imgs: finished, 1000/1000 B (100%)",
+    ]
+
+
 def test_download_prefix_allow_patterns(hub, pics, tmp_path: Path) -> None:
     report = storage_for(DATA).download_prefix(
         DATA, tmp_path, progress=False, allow_patterns=["*.txt", "README.md"]

@@ -210,3 +210,48 @@ def test_explicit_endpoint_overrides_the_environment(s3, monkeypatch: pytest.Mon
     st = storage_for(s3.uri(), endpoint_url=s3.url, region="eu-west-1")
     assert st.read_bytes(s3.uri("k.bin")) == b"k"
     assert s3.log.select()[0].path == f"/{s3.bucket}/k.bin"  # path-style addressing
+
+
+def test_one_backend_per_endpoint_and_credentials(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint asks for its store several times: the same settings give the same backend (one boto3
+    client, its connections kept); another endpoint or other credentials give another one."""
+    s3.put("k.bin", b"k")
+    first = storage_for(s3.uri())
+    assert storage_for(s3.uri("other/key")) is first
+    assert storage_for(s3.uri(), endpoint_url=s3.url) is not first  # other options: another backend
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.moto_url)  # straight to moto, past the proxy
+    direct = storage_for(s3.uri())
+    assert direct is not first
+    s3.log.clear()
+    assert direct.read_bytes(s3.uri("k.bin")) == b"k"
+    assert s3.log.select() == []  # the new endpoint was used, not the old client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key-id")
+    assert storage_for(s3.uri()) is not direct
+
+
+def test_large_objects_go_through_the_transfer_manager_and_survive_a_cut(s3, tmp_path: Path) -> None:
+    """Above the multipart threshold (8 MiB) an object comes in ranged parts, each retried on its own."""
+    big, small = os.urandom(9 * 2**20), os.urandom(3000)
+    s3.put("m/big.bin", big)
+    s3.put("m/small.bin", small)
+    s3.faults.configure(methods=["GET"], path=r"/m/big\.bin$", script=["cut"])
+    report = storage_for(s3.uri()).download_prefix(s3.uri("m"), tmp_path, progress=False)
+    assert report.transferred == 2
+    assert _data_files(tmp_path) == {"big.bin": big, "small.bin": small}
+    assert len(s3.log.faults()) == 1
+    assert len(s3.proxy.object_requests("GET")) >= 4  # two parts of big.bin, one cut and retried; small.bin
+
+
+def test_transfers_log_progress_without_a_terminal(s3, tmp_path: Path, caplog) -> None:
+    """In a container log (no TTY) a transfer reports through job.progress, not a redrawn bar."""
+    files = _files(3)
+    for key, data in files.items():
+        s3.put(key, data)
+    st = storage_for(s3.uri())
+    total = sum(map(len, files.values()))
+    with caplog.at_level("INFO", logger="lokr.progress"):
+        st.download_prefix(s3.uri("data"), tmp_path / "down", progress=True)
+        st.upload_folder(tmp_path / "down", s3.uri("copy"), progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lokr.progress"]
+    assert f"fetch {s3.uri('data')}: finished, {total}/{total} B (100%)" in lines[0]
+    assert f"upload {s3.uri('copy')}: finished, {total}/{total} B (100%)" in lines[1]

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from job.redact import redact
 from job.track.logs import setup_logging
-from job.track.redact import redact
 
 HF = "hf_plantedPLANTEDplanted0123456789"
 AWS_KEY = "AKIAPLANTED000000001"
@@ -127,7 +127,7 @@ def test_short_env_values_are_not_masked(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_logging_setup_does_not_import_torch() -> None:
     code = (
-        "import sys, job.track.logs, job.track.redact; job.track.logs.setup_logging(); "
+        "import sys, job.track.logs, job.redact; job.track.logs.setup_logging(); "
         "heavy = {'torch', 'diffusers', 'wandb', 'transformers'} & set(sys.modules); "
         "sys.exit(f'imported {heavy}' if heavy else 0)"
     )

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from job.track.progress import Progress, progress_iter
+from job.progress import Progress, progress_iter
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from job.train.flow import (
+from job.flow_matching import (
     auto_shift,
     draw_step,
     flow_loss,

@@ -9,14 +9,14 @@ from lokr_fixtures import SEED_LYCORIS
 
 from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
+from job.flow_matching import draw_step, flow_loss, flow_target, noisy_latents, step_generator
 from job.model.lokr import attach_lokr
 from job.model.tiny import TEXT_DIM, build_transformer
 from job.model.transformer import load_dtype, prepare_base_model
 from job.train.checkpoint import latest_complete, list_checkpoints
 from job.train.checkpointer import Checkpointer
 from job.train.ema import AdapterEMA
-from job.train.flow import draw_step, flow_loss, flow_target, noisy_latents, step_generator
-from job.train.loop import LoKrTrainer
+from job.train.lokr import LoKrTrainer
 from job.train.optimizers import adapter_dtype, build_optimizer
 from job.train.schedule import build_lr_scheduler, total_steps
 from job.train.state import TrainingObjects, TrainState, load_training_state, save_training_state

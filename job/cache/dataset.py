@@ -18,9 +18,10 @@ import torch
 from safetensors import SafetensorError
 
 from job.cache import layout
+from job.cache.entries import load_entry
 from job.cache.keys import text_key
 from job.cache.manifest import Manifest, plan_fingerprint, read_manifest
-from job.cache.store import CacheIndex, entry_path, load_entry
+from job.cache.store import CacheIndex, entry_path
 from job.config.schema import DatasetConfig
 from job.context import JobContext
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable

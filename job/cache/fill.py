@@ -1,31 +1,30 @@
 """Filling the caches: encode the missing entries in batches and write them, keeping the index current.
 
-Models come wrapped in ``LazyModel`` and are loaded by the first batch that needs them, so a warm with
-nothing missing never loads one.
+Imported by warm only when something is missing (this module needs torch). Models come wrapped in
+``LazyModel`` and are loaded by the first batch that needs them.
 """
 
 import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import torch
 
 from job.cache.encode import count_truncated, encode_latents, encode_prompts, image_to_pixels
+from job.cache.entries import save_entry
 from job.cache.keys import noise_seed
+from job.cache.lazy import LazyModel
 from job.cache.plan import DatasetPlan
-from job.cache.store import CacheIndex, save_entry
+from job.cache.store import CacheIndex
 from job.data.images import UnreadableImage, read_image_file
 from job.data.scan import Sample, Skipped
 from job.data.transform import apply_transform
-from job.track.progress import Progress
-
-T = TypeVar("T")
+from job.progress import Progress
 
 # Batches decoded ahead of the one the VAE is encoding.
 _PREFETCH_BATCHES = 2
@@ -33,36 +32,17 @@ _PREFETCH_BATCHES = 2
 _INDEX_SAVE_INTERVAL_S = 30.0
 
 
-class LazyModel(Generic[T]):
-    """A model loaded on first use, so a warm with nothing to encode never loads it."""
-
-    def __init__(self, load: Callable[[], T]) -> None:
-        self._load = load
-        self._value: T | None = None
-        self.loaded = False
-
-    def get(self) -> T:
-        if self._value is None:
-            self._value = self._load()
-            self.loaded = True
-        return self._value
-
-    def release(self) -> None:
-        self._value = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def fill_latents(
-    plan: DatasetPlan, vae: LazyModel, index: CacheIndex, batch_size: int, *, write_batch_size: int
+    plan: DatasetPlan,
+    missing: list[tuple[str, Sample]],
+    vae: LazyModel,
+    index: CacheIndex,
+    batch_size: int,
+    *,
+    write_batch_size: int,
 ) -> None:
-    """Encode the latents of the plan's usable samples that the index lacks."""
-    wanted = {key: sample for sample, key in plan.usable()}
-    missing = index.adopt_existing({key: wanted[key].relpath for key in index.missing(wanted)})
-    plan.report.latents_cached = len(wanted) - len(missing)
-    if not missing:
-        return
-    batches = _batches_by_bucket([(key, wanted[key]) for key in missing], batch_size)
+    """Encode the latents of ``missing`` (key, sample), samples of ``plan``, into the index's folder."""
+    batches = _batches_by_bucket(missing, batch_size)
     with (
         ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
         Progress(f"latents {plan.dataset.id}", len(missing), unit="img") as progress,
@@ -165,13 +145,12 @@ def _load_pixels(root: Path, sample: Sample) -> torch.Tensor:
 
 @dataclass
 class TextFill:
-    cached: int = 0
     new: int = 0
     truncated: int = 0  # newly encoded captions longer than max_length tokens
 
 
 def fill_text(
-    wanted: dict[str, str],
+    missing: dict[str, str],
     index: CacheIndex,
     text_encoder: LazyModel,
     *,
@@ -179,25 +158,23 @@ def fill_text(
     write_batch_size: int,
     max_length: int,
 ) -> TextFill:
-    """Encode the captions of ``wanted`` (key → caption) that the index lacks."""
-    missing = index.adopt_existing({key: wanted[key] for key in index.missing(wanted)})
-    result = TextFill(cached=len(wanted) - len(missing))
-    if not missing:
-        return result
+    """Encode the captions of ``missing`` (key → caption) into the index's folder."""
+    result = TextFill()
+    keys = list(missing)
     with (
         ThreadPoolExecutor(max_workers=2) as pool,
         Progress("text embeddings", len(missing), unit="caption") as progress,
         _Writer(index, pool, write_batch_size) as writer,
     ):
-        for start in range(0, len(missing), batch_size):
-            keys = missing[start : start + batch_size]
-            captions = [wanted[key] for key in keys]
+        for start in range(0, len(keys), batch_size):
+            batch = keys[start : start + batch_size]
+            captions = [missing[key] for key in batch]
             tokenizer, encoder = text_encoder.get()
             embeds, masks = encode_prompts(tokenizer, encoder, captions, max_length)
             result.truncated += count_truncated(tokenizer, captions, max_length)
-            for key, caption, embed, mask in zip(keys, captions, embeds, masks, strict=True):
+            for key, caption, embed, mask in zip(batch, captions, embeds, masks, strict=True):
                 tensors = {"prompt_embeds": embed, "prompt_mask": mask}
                 writer.write(key, tensors, {"caption": caption}, description=caption)
-            result.new += len(keys)
-            progress.update(len(keys))
+            result.new += len(batch)
+            progress.update(len(batch))
     return result

@@ -33,8 +33,8 @@ from job.cache.store import INDEX_NAME
 from job.context import JobContext
 from job.files import sha256_file
 from job.lease import fence
+from job.redact import redact
 from job.storage import join, storage_for
-from job.track.redact import redact
 
 log = logging.getLogger("lokr")
 

@@ -12,17 +12,19 @@
 4. Write each dataset's training plan (``cache/buckets/<dataset>.json``) and bad-data report.
 
 The VAE and text encoder are loaded only when something is missing: a second warm on unchanged data
-reads a few index files and loads no model.
+stats the images, reads a few index files, loads no model and imports neither torch nor diffusers (the
+encoding side, ``job.cache.fill``, is imported only when something is missing).
 """
 
 import logging
 import os
 from pathlib import Path
 
+from job import preemption
 from job.cache import layout
-from job.cache.fill import LazyModel, fill_latents, fill_text
 from job.cache.identity import FileHashes, folder_identity
 from job.cache.keys import text_identity, text_key, vae_identity
+from job.cache.lazy import LazyModel
 from job.cache.manifest import Manifest, PlannedSample, plan_fingerprint, write_manifest
 from job.cache.plan import DatasetPlan, check_config, drop_failed, plan_datasets
 from job.cache.report import WarmReport
@@ -33,13 +35,13 @@ from job.data.discovery import skipped_stages
 from job.errors import ConfigError
 from job.model.components import (
     compute_device,
+    compute_device_type,
     job_geometry,
     load_text_encoder,
     load_vae,
-    text_encoder_dtype,
+    text_encoder_dtype_name,
 )
 from job.model.source import local_model_path
-from job.train import preemption
 
 log = logging.getLogger("lokr")
 
@@ -52,15 +54,12 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     geometry = job_geometry(job, folder)
     check_config(ctx.config.datasets, geometry)
     step = StepShape.of(job, _world_size_from_env())
-    device = compute_device()
-    vae_id, text_id = _identities(
-        ctx, folder, text_dtype=str(text_encoder_dtype(device)).removeprefix("torch.")
-    )
+    vae_id, text_id = _identities(ctx, folder, text_dtype=text_encoder_dtype_name(compute_device_type()))
 
     plans = plan_datasets(ctx, geometry, step, vae_id)
     report = WarmReport([plan.report for plan in plans])
 
-    vae = LazyModel(lambda: load_vae(folder, device))
+    vae = LazyModel(lambda: load_vae(folder, compute_device()))
     indexes: dict[Path, CacheIndex] = {}
     for plan in plans:
         # Between datasets (every entry written so far is whole and indexed): a SIGTERM stops here, exit 75.
@@ -69,36 +68,60 @@ def warm_caches(ctx: JobContext) -> WarmReport:
             log.info("warm: dataset %r: latents not looked for (skip_file_discovery: vae)", plan.dataset.id)
             continue
         index = indexes.setdefault(plan.cache_dir, CacheIndex.load(plan.cache_dir))
-        fill_latents(plan, vae, index, job.vae_batch_size, write_batch_size=job.write_batch_size)
-        drop_failed(plan, step)
+        wanted = {key: sample for sample, key in plan.usable()}
+        missing = index.lacking({key: sample.relpath for key, sample in wanted.items()})
+        index.save()  # entries adopted from disk: the next warm finds them in the index, no stat each
+        plan.report.latents_cached = len(wanted) - len(missing)
+        if missing:
+            # Imported only now: encoding needs torch, "is everything cached?" does not.
+            from job.cache.fill import fill_latents
+
+            batch = [(key, wanted[key]) for key in missing]
+            fill_latents(plan, batch, vae, index, job.vae_batch_size, write_batch_size=job.write_batch_size)
+            drop_failed(plan, step)
     report.vae_loaded = vae.loaded
     vae.release()
 
     preemption.current().raise_if_requested("warm (before the text embeddings)")
-    text_encoder = LazyModel(lambda: load_text_encoder(folder, device))
-    captions = [
-        caption
+    # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
+    extra = ["", *_validation_prompts(ctx)]
+    # Each distinct caption's key, hashed once: thousands of images often share a few captions.
+    text_keys = {
+        caption: text_key(caption, text_id)
+        for caption in dict.fromkeys(
+            [*(caption for plan in plans for sample in plan.samples for caption in sample.captions), *extra]
+        )
+    }
+    wanted_text = {
+        text_keys[caption]: caption
         for plan in plans
         if "text" not in skipped_stages(job, plan.dataset)
         for sample, _ in plan.usable()
         for caption in sample.captions
-    ]
-    # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
-    captions += ["", *_validation_prompts(ctx)]
-    text = fill_text(
-        {text_key(caption, text_id): caption for caption in captions},
-        CacheIndex.load(layout.text_dir(ctx)),
-        text_encoder,
-        batch_size=ctx.config.text_embeds.text_encoder_batch_size or job.text_encoder_batch_size,
-        write_batch_size=ctx.config.text_embeds.write_batch_size or job.write_batch_size,
-        max_length=job.max_token_length,
-    )
-    report.text_cached, report.text_new, report.text_truncated = text.cached, text.new, text.truncated
-    report.text_encoder_loaded = text_encoder.loaded
-    text_encoder.release()
+    }
+    wanted_text.update((text_keys[caption], caption) for caption in extra)
+    text_index = CacheIndex.load(layout.text_dir(ctx))
+    missing_text = text_index.lacking(wanted_text)
+    text_index.save()
+    report.text_cached = len(wanted_text) - len(missing_text)
+    if missing_text:
+        from job.cache.fill import fill_text  # encoding needs torch (see above)
+
+        text_encoder = LazyModel(lambda: load_text_encoder(folder, compute_device()))
+        text = fill_text(
+            {key: wanted_text[key] for key in missing_text},
+            text_index,
+            text_encoder,
+            batch_size=ctx.config.text_embeds.text_encoder_batch_size or job.text_encoder_batch_size,
+            write_batch_size=ctx.config.text_embeds.write_batch_size or job.write_batch_size,
+            max_length=job.max_token_length,
+        )
+        report.text_new, report.text_truncated = text.new, text.truncated
+        report.text_encoder_loaded = text_encoder.loaded
+        text_encoder.release()
 
     for plan in plans:
-        _write_manifest(ctx, plan, text_id)
+        _write_manifest(ctx, plan, text_id, text_keys)
         path = layout.report_path(ctx.workdir, plan.dataset.id)
         plan.report.write(path)
         plan.report.log_summary(path)
@@ -142,13 +165,13 @@ def _validation_prompts(ctx: JobContext) -> list[str]:
     return [prompt for prompt in prompts if prompt]
 
 
-def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str) -> None:
+def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str, text_keys: dict[str, str]) -> None:
     samples = [
         PlannedSample(
             relpath=sample.relpath,
             bucket=sample.transform.bucket,
             latent_key=key,
-            text_keys=tuple(text_key(caption, text_id) for caption in sample.captions),
+            text_keys=tuple(text_keys[caption] for caption in sample.captions),
         )
         for sample, key in zip(plan.samples, plan.latent_keys, strict=True)
     ]
@@ -156,7 +179,7 @@ def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str) -> None:
         dataset_id=plan.dataset.id,
         fingerprint=plan_fingerprint(ctx.config, plan.dataset),
         text_identity=text_id,
-        null_text_key=text_key("", text_id),
+        null_text_key=text_keys[""],
         samples=samples,
     )
     write_manifest(layout.manifest_path(ctx.workdir, plan.dataset.id), manifest)

@@ -10,7 +10,7 @@ from job.check.estimate import GIB
 from job.oserrors import human_size
 
 if TYPE_CHECKING:
-    from job.check.run import CheckReport
+    from job.check.report import CheckReport
 
 
 def render_text(report: CheckReport) -> str:

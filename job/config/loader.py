@@ -7,20 +7,18 @@ file and the key, so a user fixes them all in one go instead of one per run.
 import difflib
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import json5
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from job.config import paths, simpletuner
 from job.config.deepspeed import deepspeed_problems
+from job.config.problems import Problems, read_json5, validate
 from job.config.schema import CREDENTIAL_FIELDS, DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
 from job.errors import ConfigError
-from job.oserrors import map_os_error
-from job.track.redact import remember_secrets
+from job.redact import remember_secrets
 
 # Keys of config.json that name another file which must exist.
 FILE_KEYS = ("data_backend_config", "lycoris_config", "user_prompt_library", "deepspeed_config")
@@ -118,18 +116,6 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
-
-    def error(self, where: Path | str, message: str) -> None:
-        self.errors.append(f"{where}: {message}")
-
-    def warn(self, where: Path | str, message: str) -> None:
-        self.warnings.append(f"{where}: {message}")
-
-
 def load_config(
     config_path: Path | str,
     overrides: list[str] | None = None,
@@ -142,8 +128,8 @@ def load_config(
     relative dataset folder or model path then names a place next to the remote files.
     """
     config_path = Path(config_path).resolve()
-    problems = _Problems()
-    raw = _read_json5(config_path, problems, expect=dict)
+    problems = Problems()
+    raw = read_json5(config_path, problems, expect=dict)
     if raw is None:
         raise ConfigError(problems.errors)
     raw = {key.removeprefix("--"): value for key, value in raw.items()}
@@ -156,7 +142,7 @@ def load_config(
         if isinstance(raw.get(key), str) and raw[key]:
             origin = remote_origin if key == "pretrained_model_name_or_path" else None
             raw[key] = _resolve_model_or_path(raw[key], config_path, origin)
-    job = _validate(JobConfig, {k: v for k, v in raw.items() if k in known}, config_path, problems)
+    job = validate(JobConfig, {k: v for k, v in raw.items() if k in known}, config_path, problems)
     if job is not None and job.shift_overridden:
         problems.warn(
             config_path,
@@ -192,7 +178,7 @@ def load_config(
     )
 
 
-def _parse_overrides(overrides: list[str], problems: _Problems) -> dict[str, Any]:
+def _parse_overrides(overrides: list[str], problems: Problems) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -212,7 +198,7 @@ def _screen_keys(
     known: set[str],
     table: dict[str, simpletuner.Option],
     where: Path,
-    problems: _Problems,
+    problems: Problems,
 ) -> None:
     """Map SimpleTuner's older spellings onto their keys, warn on the options lokr-job ignores, refuse the
     ones it cannot honour, and report unknown keys with the nearest known one."""
@@ -265,7 +251,7 @@ def _screen_keys(
 
 
 def _resolve_files(
-    raw: dict[str, Any], config_path: Path, problems: _Problems, origin: paths.RemoteOrigin | None
+    raw: dict[str, Any], config_path: Path, problems: Problems, origin: paths.RemoteOrigin | None
 ) -> dict[str, Path]:
     files: dict[str, Path] = {}
     root = origin.mirror if origin else None
@@ -298,11 +284,11 @@ def _resolve_model_or_path(value: str, config_path: Path, origin: paths.RemoteOr
 
 
 def _load_backends(
-    path: Path | None, job: JobConfig | None, problems: _Problems, origin: paths.RemoteOrigin | None
+    path: Path | None, job: JobConfig | None, problems: Problems, origin: paths.RemoteOrigin | None
 ) -> tuple[list[DatasetConfig], TextEmbedsConfig | None]:
     if path is None:
         return [], None
-    entries = _read_json5(path, problems, expect=list)
+    entries = read_json5(path, problems, expect=list)
     if entries is None:
         return [], None
     datasets: list[DatasetConfig] = []
@@ -333,7 +319,7 @@ def _load_backends(
             entry["instance_data_dir"] = _resolve_data_dir(
                 entry["instance_data_dir"], path, where, problems, origin
             )
-        parsed = _validate(model, entry, where, problems)
+        parsed = validate(model, entry, where, problems)
         if isinstance(parsed, DatasetConfig) and (warning := _credentials_warning(parsed)):
             problems.warn(where, warning)
         if isinstance(parsed, TextEmbedsConfig):
@@ -361,7 +347,7 @@ def _credentials_warning(dataset: DatasetConfig) -> str | None:
 
 
 def _resolve_data_dir(
-    value: str, path: Path, where: str, problems: _Problems, origin: paths.RemoteOrigin | None
+    value: str, path: Path, where: str, problems: Problems, origin: paths.RemoteOrigin | None
 ) -> str:
     """A remote dataset is fetched later; a local one must exist now. In a fetched config set, a relative
     folder lives next to the remote files."""
@@ -393,20 +379,20 @@ def _inherit(dataset: DatasetConfig, job: JobConfig) -> DatasetConfig:
     return dataset.model_copy(update=update)
 
 
-def _load_lycoris(path: Path | None, problems: _Problems) -> LycorisConfig | None:
+def _load_lycoris(path: Path | None, problems: Problems) -> LycorisConfig | None:
     if path is None:
         return None
-    raw = _read_json5(path, problems, expect=dict)
+    raw = read_json5(path, problems, expect=dict)
     if raw is None:
         return None
-    parsed = _validate(LycorisConfig, raw, path, problems)
+    parsed = validate(LycorisConfig, raw, path, problems)
     return parsed if isinstance(parsed, LycorisConfig) else None
 
 
-def _load_deepspeed(path: Path | None, job: JobConfig | None, problems: _Problems) -> dict[str, Any] | None:
+def _load_deepspeed(path: Path | None, job: JobConfig | None, problems: Problems) -> dict[str, Any] | None:
     if path is None:
         return None
-    raw = _read_json5(path, problems, expect=dict)
+    raw = read_json5(path, problems, expect=dict)
     if raw is None or job is None:
         return None
     for problem in deepspeed_problems(raw, job):
@@ -414,61 +400,13 @@ def _load_deepspeed(path: Path | None, job: JobConfig | None, problems: _Problem
     return raw
 
 
-def _load_prompt_library(path: Path | None, problems: _Problems) -> dict[str, str]:
+def _load_prompt_library(path: Path | None, problems: Problems) -> dict[str, str]:
     if path is None:
         return {}
-    raw = _read_json5(path, problems, expect=dict)
+    raw = read_json5(path, problems, expect=dict)
     if raw is None:
         return {}
     bad = [k for k, v in raw.items() if not isinstance(v, str) or not v.strip()]
     for key in bad:
         problems.error(path, f"{key}: each entry must be nickname → non-empty prompt string")
     return {k: v for k, v in raw.items() if k not in bad}
-
-
-def _read_json5(path: Path, problems: _Problems, expect: type) -> Any:
-    """Parse JSON with JSON5 tolerance (trailing commas, comments), errors as file:line:column."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        # Unreadable (EACCES) is access to grant, not a config to fix: exit 4, not one of the problems.
-        if (refused := map_os_error(exc, None)) is not None:
-            raise refused from exc
-        problems.error(path, f"cannot read: {exc.strerror}")
-        return None
-    try:
-        value = json5.loads(text)
-    except ValueError as exc:
-        problems.error(_position(path, str(exc)), f"not valid JSON: {_strip_position(str(exc))}")
-        return None
-    # Before anything can quote the file: from here on every error, log line and record masks them.
-    remember_secrets(value)
-    if not isinstance(value, expect):
-        shape = "an object {...}" if expect is dict else "a list [...]"
-        problems.error(path, f"must hold {shape}, found {type(value).__name__}")
-        return None
-    return value
-
-
-def _position(path: Path, message: str) -> str:
-    line = re.search(r"<string>:(\d+)", message)
-    column = re.search(r"column (\d+)", message)
-    return f"{path}:{line.group(1) if line else '?'}:{column.group(1) if column else '?'}"
-
-
-def _strip_position(message: str) -> str:
-    return re.sub(r"^<string>:\d+\s*", "", message)
-
-
-def _validate(model: type[BaseModel], data: dict[str, Any], where: Path | str, problems: _Problems) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(file)"
-            name = str(err["loc"][-1]) if err["loc"] else ""
-            shown = simpletuner.shown_value(name, err["input"])
-            got = f" (got {shown})" if err["loc"] and err["type"] != "missing" else ""
-            message = err["msg"].removeprefix("Value error, ")
-            problems.error(where, f"{key}: {message}{got}")
-        return None

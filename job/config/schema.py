@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from job.config.flavours import FLAVOUR_REPOS, token_limit
 from job.config.optimizer_config import parse_optimizer_config
-from job.model.flavours import FLAVOUR_REPOS, token_limit
 
 Optimizer = Literal["adamw", "adamw_bf16", "optimi-lion", "optimi-adamw", "bnb-lion8bit-paged", "prodigy"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "polynomial", "linear"]

@@ -22,7 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
-from job.track.redact import is_secret_name, masked
+from job.redact import is_secret_name, masked
 
 Disposition = Literal["acted_on", "alias", "ignored", "refused"]
 

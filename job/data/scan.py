@@ -17,8 +17,7 @@ from job.config.schema import DatasetConfig
 from job.data.captions import CaptionProblem, captions_for
 from job.data.discovery import FoundImage, find_images
 from job.data.geometry import ModelGeometry, is_smaller_than
-from job.data.images import UnreadableImage, probe_image
-from job.data.transform import Transform, plan_transform
+from job.data.transform import Transform, TransformPlanner
 from job.files import read_json, write_json_atomic
 
 _PROBE_VERSION = 1
@@ -63,6 +62,7 @@ def scan_dataset(
     probes, probed = _probe_all(root, found, probe_path, workers or min(8, os.cpu_count() or 1))
     samples: list[Sample] = []
     skipped: list[Skipped] = []
+    planner = TransformPlanner(dataset, geometry, seed=seed, aspect_rounding=aspect_rounding)
     for image in found:
         probe = probes[image.relpath]
         reason = probe.get("error") or _size_problem(probe["width"], probe["height"], dataset)
@@ -70,19 +70,11 @@ def scan_dataset(
             skipped.append(Skipped(image.relpath, reason))
             continue
         try:
-            captions = captions_for(root / image.relpath, dataset)
+            captions = captions_for(os.path.join(root, image.relpath), dataset)
         except CaptionProblem as problem:
             skipped.append(Skipped(image.relpath, str(problem)))
             continue
-        transform = plan_transform(
-            probe["width"],
-            probe["height"],
-            dataset,
-            geometry,
-            seed=seed,
-            image_sha256=probe["sha256"],
-            aspect_rounding=aspect_rounding,
-        )
+        transform = planner.plan(probe["width"], probe["height"], probe["sha256"])
         samples.append(Sample(image.relpath, probe["sha256"], captions, transform))
     return ScanResult(len(found), samples, skipped, probed)
 
@@ -123,6 +115,9 @@ def _probe_all(
 
 
 def _probe(root: Path, image: FoundImage) -> dict[str, Any]:
+    # Here, not above: Pillow and numpy cost a cached warm, which opens no image, a tenth of a second.
+    from job.data.images import UnreadableImage, probe_image
+
     record: dict[str, Any] = {"size": image.size, "mtime_ns": image.mtime_ns}
     try:
         info = probe_image(root / image.relpath)

@@ -12,15 +12,19 @@ SimpleTuner's rules, as its DATALOADER.md documents them:
   the job seed and the image content, so it is the same crop on every machine and every warm).
 """
 
+from __future__ import annotations
+
 import math
 import random
 from dataclasses import dataclass
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from job.config.schema import DatasetConfig
 from job.data.geometry import ModelGeometry, bucket_size, is_larger_than, scale_to
 from job.data.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # The aspects (width / height) crop_aspect closest/random choose from: common photo and screen ratios.
 ASPECT_CHOICES = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 4 / 5, 1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9, 2.0)
@@ -48,29 +52,64 @@ def plan_transform(
     aspect_rounding: int | None,
 ) -> Transform:
     """The transform of a ``width``×``height`` upright image of ``dataset``."""
-    assert dataset.resolution is not None and dataset.resolution_type is not None  # filled by the loader
-    resolution_type = dataset.resolution_type
-    aspect = _choose_aspect(width, height, dataset, geometry, seed, image_sha256, aspect_rounding)
-    bucket_w, bucket_h = bucket_size(aspect, dataset.resolution, resolution_type, geometry)
+    planner = TransformPlanner(dataset, geometry, seed=seed, aspect_rounding=aspect_rounding)
+    return planner.plan(width, height, image_sha256)
 
-    resized = (width, height)
-    if not dataset.crop:
-        resized = _cover(width, height, bucket_w, bucket_h)
-    else:
-        maximum, target = dataset.maximum_image_size, dataset.target_downsample_size
-        if maximum and target and is_larger_than(width, height, maximum, resolution_type):
-            scale = scale_to(width, height, target, resolution_type)
-            if scale < 1:
-                resized = (max(1, round(width * scale)), max(1, round(height * scale)))
-        if resized[0] < bucket_w or resized[1] < bucket_h:
-            resized = _cover(*resized, bucket_w, bucket_h)
 
-    style = dataset.crop_style if dataset.crop else "center"
-    left, top = _crop_origin(resized, (bucket_w, bucket_h), style, seed, image_sha256)
-    return Transform(resized, (left, top, left + bucket_w, top + bucket_h))
+class TransformPlanner:
+    """``plan_transform`` for the images of one dataset: what depends only on an image's size (its bucket
+    and resize) is worked out once per size, since a scan meets thousands of images of a few sizes."""
+
+    def __init__(
+        self, dataset: DatasetConfig, geometry: ModelGeometry, *, seed: int, aspect_rounding: int | None
+    ) -> None:
+        self._dataset = dataset
+        self._geometry = geometry
+        self._seed = seed
+        self._aspect_rounding = aspect_rounding
+        self._style = dataset.crop_style if dataset.crop else "center"
+        # crop_aspect random picks an image's aspect from its content: same-sized images share nothing then.
+        self._by_size: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int]]] | None = (
+            None if dataset.crop and dataset.crop_aspect == "random" else {}
+        )
+
+    def plan(self, width: int, height: int, image_sha256: str) -> Transform:
+        if self._by_size is None:
+            resized, bucket = self._size(width, height, image_sha256)
+        elif (remembered := self._by_size.get((width, height))) is not None:
+            resized, bucket = remembered
+        else:
+            resized, bucket = self._by_size[width, height] = self._size(width, height, image_sha256)
+        left, top = _crop_origin(resized, bucket, self._style, self._seed, image_sha256)
+        return Transform(resized, (left, top, left + bucket[0], top + bucket[1]))
+
+    def _size(self, width: int, height: int, image_sha256: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The size the image is resized to and its bucket's."""
+        dataset, geometry = self._dataset, self._geometry
+        assert dataset.resolution is not None and dataset.resolution_type is not None  # filled by the loader
+        resolution_type = dataset.resolution_type
+        aspect = _choose_aspect(
+            width, height, dataset, geometry, self._seed, image_sha256, self._aspect_rounding
+        )
+        bucket_w, bucket_h = bucket_size(aspect, dataset.resolution, resolution_type, geometry)
+
+        resized = (width, height)
+        if not dataset.crop:
+            resized = _cover(width, height, bucket_w, bucket_h)
+        else:
+            maximum, target = dataset.maximum_image_size, dataset.target_downsample_size
+            if maximum and target and is_larger_than(width, height, maximum, resolution_type):
+                scale = scale_to(width, height, target, resolution_type)
+                if scale < 1:
+                    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+            if resized[0] < bucket_w or resized[1] < bucket_h:
+                resized = _cover(*resized, bucket_w, bucket_h)
+        return resized, (bucket_w, bucket_h)
 
 
 def apply_transform(image: Image.Image, transform: Transform) -> Image.Image:
+    from PIL import Image  # here, not above: planning a transform (a cached warm) never needs Pillow
+
     if image.size != transform.resized:
         image = image.resize(transform.resized, Image.Resampling.LANCZOS)
     if transform.crop_box != (0, 0, *transform.resized):
@@ -127,6 +166,9 @@ def _crop_origin(
     resized: tuple[int, int], bucket: tuple[int, int], style: str, seed: int, image_sha256: str
 ) -> tuple[int, int]:
     spare_w, spare_h = resized[0] - bucket[0], resized[1] - bucket[1]
+    # Nothing to choose (an image already at its bucket's size): every style gives the corner.
+    if not (spare_w or spare_h):
+        return 0, 0
     if style == "corner":
         return spare_w, spare_h
     if style == "random":

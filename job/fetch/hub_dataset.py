@@ -20,8 +20,9 @@ from typing import Any
 from job.config.schema import DatasetConfig
 from job.data.discovery import IMAGE_EXTENSIONS
 from job.errors import ConfigError
+from job.files import write_bytes_atomic
 from job.storage import TransferReport, parse_uri, storage_for
-from job.storage.sync import atomic_write_bytes
+from job.storage.sync import PART_SUFFIX
 
 log = logging.getLogger("lokr")
 
@@ -98,7 +99,7 @@ def write_metadata_captions(root: Path, column: str, *, keep: set[str]) -> int:
             text = "\n".join(str(c).strip() for c in captions) + "\n"
             # Unchanged captions are not rewritten: their mtimes stay, so the data scan reuses what it knows.
             if not target.is_file() or target.read_text(encoding="utf-8") != text:
-                atomic_write_bytes(target, text.encode("utf-8"))
+                write_bytes_atomic(target, text.encode("utf-8"), suffix=PART_SUFFIX)
                 written += 1
     return written
 

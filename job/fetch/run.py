@@ -1,6 +1,6 @@
 """``lokr-job fetch``: every remote dataset and the base model into the work directory.
 
-The config set was already fetched when the context was opened (``job.fetch.config``).
+The config set was already fetched when the context was opened (``job.config.remote``).
 """
 
 from __future__ import annotations

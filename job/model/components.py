@@ -8,7 +8,9 @@ transformers are imported by the functions that load weights, so reading sizes s
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,11 +119,34 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def text_encoder_dtype(device: torch.device) -> torch.dtype:
+def compute_device_type() -> str:
+    """``compute_device().type``; with a CPU build of torch, answered without importing torch (most of a
+    second), so a warm with nothing to encode stays light."""
+    return "cpu" if _torch_is_cpu_build() else compute_device().type
+
+
+def text_encoder_dtype_name(device_type: str) -> str:
     """bf16 on a GPU (how AuraFlow's UMT5 runs), float32 on a CPU (bf16 matmuls there are slow)."""
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def text_encoder_dtype(device: torch.device) -> torch.dtype:
     import torch
 
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, text_encoder_dtype_name(device.type))
+
+
+def _torch_is_cpu_build() -> bool:
+    """Whether the installed torch was built without CUDA and ROCm (its version.py, read, not imported):
+    such a torch never finds a GPU. Anything unexpected counts as "maybe a GPU": then torch is asked."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return all(re.search(rf"^{name}(: [^=]+)? = None$", text, re.MULTILINE) for name in ("cuda", "hip"))
 
 
 def load_vae(folder: Path, device: torch.device) -> AutoencoderKL:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from job.track.redact import redact
+from job.redact import redact
 from job.validate.prompts import instance_prompt
 
 if TYPE_CHECKING:

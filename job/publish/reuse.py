@@ -7,8 +7,8 @@ import json
 import logging
 
 from job.context import JobContext
+from job.redact import redact
 from job.storage import join, storage_for
-from job.track.redact import redact
 from job.train.output import RESULT_FILE, is_finished
 
 log = logging.getLogger("lokr")

@@ -20,32 +20,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    LocalTokenNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from job.errors import ConfigError, JobError, PermissionDeniedError, TransientError
+from job.errors import ConfigError
 from job.storage import retry
-from job.storage.base import ObjectInfo, TransferReport, Versioned
-from job.storage.sync import STAGING_NAME, Manifest, iter_upload_files, plan_download, progress_bar
+from job.storage.base import ObjectInfo, TransferReport
+from job.storage.hub_errors import IncompleteDownload, classifier
+from job.storage.hub_lease import ConditionalWrites
+from job.storage.sync import STAGING_NAME, Manifest, TransferProgress, iter_upload_files, plan_download
 from job.storage.uri import URI, Location, parse_uri
 
 T = TypeVar("T")
-# How often create_exclusive re-reads the repo when unrelated commits keep landing between its read and
-# its commit (each attempt is one round of requests; a checkpoint commit takes seconds, not minutes).
-_CREATE_ATTEMPTS = 8
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# The name snapshot_download gives its bar of bytes written to disk (huggingface_hub 1.x, 2.x); its bar
+# of files (hf_thread_map's) has no unit. Other bars (network bytes) are not counted twice.
+_BYTES_BAR = "huggingface_hub.snapshot_download"
 
 
 class _QuietBar(hf_tqdm):
@@ -54,27 +46,31 @@ class _QuietBar(hf_tqdm):
         super().__init__(*args, **kwargs)
 
 
-class _IncompleteDownload(Exception):
-    """snapshot_download returned without some requested files (it falls back to what is on disk when the
-    Hub cannot be reached); treated as transient."""
+def _bars_into(shown: TransferProgress) -> type[hf_tqdm]:
+    """A silent bar class for snapshot_download whose counts go to ``shown`` (``job.progress``)
+    instead of a carriage-return bar in the container log: its bytes bar's and its files bar's."""
+
+    class _Forward(_QuietBar):
+        def __init__(self, *args: Any, **kwargs: Any):
+            self._kind = "bytes" if kwargs.get("name") == _BYTES_BAR else kwargs.get("unit", "files")
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self._kind == "bytes":
+                shown.add_bytes(int(n or 0))
+            elif self._kind == "files":
+                for _ in range(int(n or 0)):
+                    shown.file_done()
+            return super().update(n)
+
+    return _Forward
 
 
 def _in_repo(prefix: str, rel: str) -> str:
     return f"{prefix}/{rel}" if prefix else rel
 
 
-def _token_source() -> str:
-    if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
-        return "HF_TOKEN set"
-    try:
-        from huggingface_hub import get_token
-
-        return "saved login token" if get_token() else "no token"
-    except Exception:
-        return "no token"
-
-
-class HubStorage:
+class HubStorage(ConditionalWrites):
     def __init__(self, *, endpoint: str | None = None, private: bool = True, max_workers: int = 8):
         self._fixed_endpoint = endpoint
         self._private = private
@@ -104,41 +100,8 @@ class HubStorage:
             raise ConfigError(f"{uri} names a repo, not a file in it")
         return uri.path
 
-    def _classifier(self, uri: URI, action: str) -> retry.Classifier:
-        repo = f"{uri.repo_type} repo '{uri.repo_id}'"
-
-        def classify(exc: BaseException) -> JobError | retry.Retryable | None:
-            if isinstance(exc, LocalTokenNotFoundError):
-                return PermissionDeniedError(f"no usable Hub token (set HF_TOKEN) to {action} {uri}")
-            if isinstance(exc, HfHubHTTPError):
-                status = exc.response.status_code if exc.response is not None else 0
-                if status in (401, 403) or isinstance(exc, GatedRepoError | DisabledRepoError):
-                    return PermissionDeniedError(
-                        f"the Hub refused access to {repo} trying to {action} {uri} (HTTP {status}); "
-                        f"token: {_token_source()}"
-                    )
-                if isinstance(exc, RevisionNotFoundError):
-                    return ConfigError(f"revision '{uri.revision}' does not exist in {repo} ({uri})")
-                if isinstance(exc, RemoteEntryNotFoundError):
-                    return ConfigError(f"{uri} does not exist (trying to {action} it)")
-                if isinstance(exc, RepositoryNotFoundError) or status == 404:
-                    return ConfigError(
-                        f"{repo} does not exist or is not visible with this token ({uri}; token: {_token_source()})"
-                    )
-                if status >= 500 or status in (408, 429):
-                    after = exc.response.headers.get("Retry-After") if exc.response is not None else None
-                    return retry.Retryable(exc, retry.parse_retry_after(after))
-                return ConfigError(f"the Hub refused to {action} {uri}: {retry.describe(exc)}")
-            if isinstance(exc, httpx2.TransportError | LocalEntryNotFoundError | _IncompleteDownload):
-                return retry.Retryable(exc)
-            if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-                return retry.Retryable(exc)  # a body cut short more often than http_get's own resumes allow
-            return None
-
-        return classify
-
     def _call(self, uri: URI, action: str, fn: Callable[[], T]) -> T:
-        return retry.call(fn, what=f"{action} {uri}", classify=self._classifier(uri, action))
+        return retry.call(fn, what=f"{action} {uri}", classify=classifier(uri, action))
 
     def call(self, uri: Location, action: str, fn: Callable[[HfApi], T]) -> T:
         """One huggingface_hub API call (``fn`` gets the client) with this store's retries and exit codes,
@@ -291,6 +254,8 @@ class HubStorage:
         staging.mkdir(exist_ok=True)
         marker.write_text(str(pinned.revision))
         wanted = [_in_repo(uri.path, obj.key) for obj, _ in todo]
+        total = sum(o.size for o, _ in todo)
+        shown = TransferProgress(f"fetch {uri}", files=len(todo), total_bytes=total, enabled=progress)
 
         def fetch() -> None:
             if skipped == 0:
@@ -305,17 +270,18 @@ class HubStorage:
                     allow_patterns=patterns,
                     endpoint=self._endpoint(),
                     max_workers=self._workers,
-                    tqdm_class=None if progress else _QuietBar,
+                    tqdm_class=_bars_into(shown),
                 )
             else:
                 # An update of some files: naming each in allow_patterns costs files x patterns fnmatch calls
                 # (minutes at 100k files), so fetch exactly those, the way snapshot_download does inside.
-                self._fetch_files(pinned, wanted, staging, sum(o.size for o, _ in todo), progress)
+                self._fetch_files(pinned, wanted, staging, shown)
             missing = [p for p in wanted if not (staging / p).is_file()]
             if missing:
-                raise _IncompleteDownload(f"{len(missing)} files missing after download, e.g. {missing[0]}")
+                raise IncompleteDownload(f"{len(missing)} files missing after download, e.g. {missing[0]}")
 
-        self._call(uri, "download", fetch)
+        with shown:
+            self._call(uri, "download", fetch)
         try:
             for (obj, target), repo_path in zip(todo, wanted, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -324,11 +290,9 @@ class HubStorage:
         finally:
             manifest.save(str(uri))
         shutil.rmtree(staging, ignore_errors=True)
-        return TransferReport(transferred=len(todo), skipped=skipped, bytes=sum(o.size for o, _ in todo))
+        return TransferReport(transferred=len(todo), skipped=skipped, bytes=total)
 
-    def _fetch_files(
-        self, pinned: URI, paths: Sequence[str], staging: Path, total: int, progress: bool
-    ) -> None:
+    def _fetch_files(self, pinned: URI, paths: Sequence[str], staging: Path, shown: TransferProgress) -> None:
         def one(path: str) -> int:
             hf_hub_download(
                 pinned.repo_id,
@@ -341,12 +305,9 @@ class HubStorage:
             )
             return (staging / path).stat().st_size
 
-        with (
-            progress_bar(total=total, desc=f"fetch {pinned}", enabled=progress) as bar,
-            ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="hub") as pool,
-        ):
+        with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="hub") as pool:
             for size in pool.map(one, paths):
-                bar.update(size)
+                shown.file_done(size)
 
     def download_to_cache(
         self, repo_uri: Location, files: Sequence[str], cache_dir: str | Path, *, progress: bool = True
@@ -357,6 +318,8 @@ class HubStorage:
         uri = self._hf_uri(repo_uri)
         # Exact names as patterns: a model repo has tens of files, so the fnmatch cost does not matter.
         patterns = [glob.escape(f) for f in files]
+        # Sizes unknown until the listing snapshot_download makes itself: bytes counted, no total.
+        shown = TransferProgress(f"fetch {uri}", files=len(files), total_bytes=None, enabled=progress)
 
         def fetch() -> Path:
             folder = Path(
@@ -368,15 +331,16 @@ class HubStorage:
                     allow_patterns=patterns,
                     endpoint=self._endpoint(),
                     max_workers=self._workers,
-                    tqdm_class=None if progress else _QuietBar,
+                    tqdm_class=_bars_into(shown),
                 )
             )
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
-                raise _IncompleteDownload(f"{len(missing)} files missing after download, e.g. {missing[0]}")
+                raise IncompleteDownload(f"{len(missing)} files missing after download, e.g. {missing[0]}")
             return folder
 
-        return self._call(uri, "download", fetch)
+        with shown:
+            return self._call(uri, "download", fetch)
 
     # -- writing --------------------------------------------------------------------------------------
 
@@ -454,75 +418,6 @@ class HubStorage:
             ),
         )
         return TransferReport(transferred=len(files), bytes=sum(p.stat().st_size for _, p in files))
-
-    # -- conditional writes (the run lease) ------------------------------------------------------------
-    # A repo has one version, its head commit: a file is "unchanged" when no commit at all has landed since
-    # it was read, and a commit made with parent_commit fails with 412 otherwise. A commit by the same
-    # process (a checkpoint) therefore also counts as a change; the lease re-reads and tries again.
-
-    def read_versioned(self, uri: Location) -> Versioned | None:
-        parsed = self._hf_uri(uri)
-        self._file_path(parsed)
-        try:
-            sha = self.resolve_revision(parsed)
-        except ConfigError:
-            if not self._repo_exists(parsed):
-                return None  # a run URI in a repo not made yet: create_exclusive makes it
-            raise
-        pinned = replace(parsed, revision=sha)
-        if self.stat(pinned) is None:
-            return None
-        return Versioned(self.read_bytes(pinned), sha)
-
-    def _repo_exists(self, uri: URI) -> bool:
-        return self._call(
-            uri,
-            "look for",
-            lambda: self._api().repo_exists(uri.repo_id, repo_type=uri.repo_type),
-        )
-
-    def create_exclusive(self, uri: Location, data: bytes) -> bool:
-        parsed = self._hf_uri(uri)
-        self._file_path(parsed)
-        self._ensure_repo(parsed)
-        for _ in range(_CREATE_ATTEMPTS):
-            sha = self.resolve_revision(parsed)
-            if self.stat(replace(parsed, revision=sha)) is not None:
-                return False
-            if self._commit_on(parsed, data, sha):
-                return True
-            # Some commit landed in between: look again whether it made the file.
-        raise TransientError(
-            f"{parsed}: the repo kept changing while creating this file ({_CREATE_ATTEMPTS} attempts); run again"
-        )
-
-    def replace_if(self, uri: Location, data: bytes, version: str) -> bool:
-        parsed = self._hf_uri(uri)
-        self._file_path(parsed)
-        return self._commit_on(parsed, data, version)
-
-    def _commit_on(self, uri: URI, data: bytes, parent: str) -> bool:
-        """One commit of ``data`` at ``uri`` whose parent must be ``parent``; False if the head moved."""
-        path = self._file_path(uri)
-
-        def commit() -> bool:
-            try:
-                self._api().create_commit(
-                    uri.repo_id,
-                    [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)],
-                    commit_message=f"lokr-job: {path}",
-                    repo_type=uri.repo_type,
-                    revision=uri.revision,
-                    parent_commit=parent,
-                )
-            except HfHubHTTPError as exc:
-                # 412 is the answer to a stale parent commit (the classifier would call it a refusal).
-                if exc.response is not None and exc.response.status_code == 412:
-                    return False
-                raise
-            return True
-
-        return self._call(uri, "write", commit)
 
     def delete(self, uri: Location) -> None:
         parsed = self._hf_uri(uri)

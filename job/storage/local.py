@@ -11,16 +11,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from job.errors import ConfigError, PermissionDeniedError
-from job.files import write_bytes_atomic
+from job.files import write_atomic, write_bytes_atomic
 from job.storage.base import ObjectInfo, TransferReport, Versioned
-from job.storage.sync import (
-    Manifest,
-    atomic_write_bytes,
-    iter_upload_files,
-    part_path,
-    plan_download,
-    progress_bar,
-)
+from job.storage.sync import PART_SUFFIX, Manifest, TransferProgress, iter_upload_files, plan_download
 from job.storage.uri import Location, parse_uri
 
 
@@ -47,13 +40,7 @@ def _os_errors(what: str) -> Iterator[None]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = part_path(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), suffix=PART_SUFFIX)
 
 
 @contextlib.contextmanager
@@ -102,7 +89,7 @@ class LocalStorage:
     def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:
         path = _path(uri)
         with _os_errors(f"cannot write {path}"):
-            atomic_write_bytes(path, data)
+            write_bytes_atomic(path, data, suffix=PART_SUFFIX)
 
     def download_file(self, uri: Location, local_path: str | Path) -> ObjectInfo:
         src = _path(uri)
@@ -129,14 +116,15 @@ class LocalStorage:
             self.list(root), dest, manifest, source=str(root), allow_patterns=allow_patterns
         )
         moved = 0
-        bar = progress_bar(total=sum(o.size for o, _ in todo), desc=f"copy {root}", enabled=progress)
+        total = sum(o.size for o, _ in todo)
+        shown = TransferProgress(f"copy {root}", files=len(todo), total_bytes=total, enabled=progress)
         try:
-            with bar, _os_errors(f"cannot copy from {root}"):
+            with shown, _os_errors(f"cannot copy from {root}"):
                 for obj, target in todo:
                     _copy_atomic(root / obj.key, target)
                     manifest.record(obj.key, obj)
                     moved += obj.size
-                    bar.update(obj.size)
+                    shown.file_done(obj.size)
         finally:
             manifest.save(str(root))
         return TransferReport(transferred=len(todo), skipped=skipped, bytes=moved)

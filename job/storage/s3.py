@@ -1,4 +1,5 @@
-"""S3 and S3-compatible stores (R2, MinIO, B2) through boto3 and its transfer manager.
+"""S3 and S3-compatible stores (R2, MinIO, B2) through boto3: one GetObject per object below the multipart
+threshold, its transfer manager for larger objects and for uploads.
 
 Credentials come from boto3's standard chain (env, profile, instance role, IRSA), unless a store is built
 with its own keys (a ``type: aws`` dataset's ``aws_access_key_id``/``aws_secret_access_key``): those go to
@@ -10,9 +11,10 @@ decides, with the job's exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,56 +22,20 @@ from typing import Any, TypeVar
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
-from botocore.exceptions import (
-    ClientError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ResponseStreamingError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from s3transfer.exceptions import RetriesExceededError
+from botocore.exceptions import ClientError
 from s3transfer.subscribers import BaseSubscriber
 
-from job.errors import ConfigError, JobError, PermissionDeniedError, TransientError
-from job.oserrors import writing
+from job.errors import ConfigError, TransientError
+from job.files import write_atomic
 from job.storage import retry
 from job.storage.base import ObjectInfo, TransferReport, Versioned
-from job.storage.sync import (
-    Manifest,
-    iter_upload_files,
-    part_path,
-    plan_download,
-    progress_bar,
-)
+from job.storage.s3_errors import REACH_BUCKET, classifier
+from job.storage.sync import PART_SUFFIX, Manifest, TransferProgress, iter_upload_files, plan_download
 from job.storage.uri import URI, Location, parse_uri
 
 T = TypeVar("T")
 
-_DENIED = {
-    "AccessDenied",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AccountProblem",
-}
-_RETRY_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
-}
 _MISSING = object()
-_REACH_BUCKET = "reach the bucket of"
 
 
 class _KnownObject(BaseSubscriber):
@@ -86,14 +52,17 @@ class _KnownObject(BaseSubscriber):
 
 
 class _Progress(BaseSubscriber):
-    def __init__(self, bar: Any):
-        self._bar = bar
+    def __init__(self, progress: TransferProgress):
+        self._progress = progress
 
     def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
-        self._bar.update(bytes_transferred)
+        self._progress.add_bytes(bytes_transferred)
 
 
 class S3Storage:
+    """One S3 endpoint and set of credentials. The client is built once, here: boto3 clients are
+    thread-safe (its sessions are not), so every call and worker thread shares it."""
+
     def __init__(
         self,
         *,
@@ -104,112 +73,58 @@ class S3Storage:
         secret_access_key: str | None = None,
         session_token: str | None = None,
     ):
-        self._endpoint_url = endpoint_url or None
         # botocore reads AWS_DEFAULT_REGION only; the docs (and most platforms) set AWS_REGION.
-        self._region = region or os.environ.get("AWS_REGION") or None
+        region = region or os.environ.get("AWS_REGION") or None
         # Explicit keys (or None: the chain). Kept off the environment so no other store picks them up.
-        self._keys = {
-            "aws_access_key_id": access_key_id,
-            "aws_secret_access_key": secret_access_key,
-            "aws_session_token": session_token,
-        }
+        self._explicit_keys = bool(access_key_id)
         self._workers = max_concurrency or int(os.environ.get("LOKR_S3_CONCURRENCY", "16"))
-        self._lock = threading.Lock()
-        self._session: Any = None
-        self._client: Any = None
+        # Below s3transfer's multipart threshold an object is one GetObject either way (see _get_small).
+        self._transfer = TransferConfig(max_concurrency=self._workers, preferred_transfer_client="classic")
+        self._session = boto3.session.Session(
+            region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            aws_session_token=session_token,
+        )
+        custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options: dict[str, Any] = {
+            "retries": {"mode": "standard", "total_max_attempts": 1},
+            "max_pool_connections": self._workers * 2 + 4,
+            "connect_timeout": 10,
+            "read_timeout": 60,
+        }
+        if custom:
+            # S3-compatible stores want path-style addressing, and several reject the CRC trailers
+            # botocore sends by default since 1.36.
+            options["s3"] = {"addressing_style": "path"}
+            options["request_checksum_calculation"] = "when_required"
+            options["response_checksum_validation"] = "when_required"
+        self._client = self._session.client("s3", endpoint_url=endpoint_url or None, config=Config(**options))
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    def _s3(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._session = boto3.session.Session(region_name=self._region, **self._keys)
-                custom = (
-                    self._endpoint_url
-                    or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ENDPOINT_URL")
-                )
-                options: dict[str, Any] = {
-                    "retries": {"mode": "standard", "total_max_attempts": 1},
-                    "max_pool_connections": self._workers * 2 + 4,
-                    "connect_timeout": 10,
-                    "read_timeout": 60,
-                }
-                if custom:
-                    # S3-compatible stores want path-style addressing, and several reject the CRC trailers
-                    # botocore sends by default since 1.36.
-                    options["s3"] = {"addressing_style": "path"}
-                    options["request_checksum_calculation"] = "when_required"
-                    options["response_checksum_validation"] = "when_required"
-                self._client = self._session.client(
-                    "s3", endpoint_url=self._endpoint_url, config=Config(**options)
-                )
-            return self._client
-
     def _credential_source(self) -> str:
-        if self._keys["aws_access_key_id"]:
+        if self._explicit_keys:
             return "the keys in the dataset's config (aws_access_key_id)"
         try:
-            creds = (self._session or boto3.session.Session()).get_credentials()
+            creds = self._session.get_credentials()
         except Exception:  # a broken profile must not hide the original error
             return "unknown (credential chain failed)"
         return creds.method if creds is not None else "none found"
 
-    def _classifier(self, uri: URI, action: str) -> retry.Classifier:
-        def classify(exc: BaseException) -> JobError | retry.Retryable | None:
-            if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-                return PermissionDeniedError(
-                    f"no usable AWS credentials to {action} {uri} (bucket '{uri.bucket}'): set AWS_ACCESS_KEY_ID/"
-                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/IRSA role"
-                )
-            if isinstance(exc, ClientError):
-                return self._classify_client_error(exc, uri, action)
-            # BotoConnectionError: refused, DNS, connect timeouts, proxies (EndpointConnectionError and
-            # kin); HTTPClientError: read timeouts and connections dropped mid-answer.
-            if isinstance(
-                exc,
-                BotoConnectionError
-                | HTTPClientError
-                | IncompleteReadError
-                | ResponseStreamingError
-                | RetriesExceededError,
-            ):
-                return retry.Retryable(exc)
-            return None
-
-        return classify
-
-    def _classify_client_error(
-        self, exc: ClientError, uri: URI, action: str
-    ) -> JobError | retry.Retryable | None:
-        error = exc.response.get("Error", {})
-        meta = exc.response.get("ResponseMetadata", {})
-        code = str(error.get("Code", ""))
-        status = int(meta.get("HTTPStatusCode") or 0)
-        if status in (401, 403) or code in _DENIED:
-            return PermissionDeniedError(
-                f"access denied to S3 bucket '{uri.bucket}' trying to {action} {uri} ({code or status}); "
-                f"AWS credentials in use: {self._credential_source()}"
-            )
-        if code == "NoSuchBucket" or (status == 404 and action == _REACH_BUCKET):  # HEAD has no error body
-            return ConfigError(f"S3 bucket '{uri.bucket}' does not exist (needed to {action} {uri})")
-        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
-            return ConfigError(f"{uri} does not exist (trying to {action} it)")
-        if status == 412 or code == "PreconditionFailed":
-            return TransientError(f"{uri} changed while it was being downloaded; run again")
-        if status >= 500 or status in (408, 429) or code in _RETRY_CODES:
-            headers = meta.get("HTTPHeaders", {}) or {}
-            return retry.Retryable(exc, retry.parse_retry_after(headers.get("retry-after")))
-        return ConfigError(
-            f"S3 refused to {action} {uri}: {code or status} {error.get('Message', '')}".strip()
+    def _call(self, uri: URI, action: str, fn: Callable[[], T]) -> T:
+        return retry.call(
+            fn, what=f"{action} {uri}", classify=classifier(uri, action, self._credential_source)
         )
 
-    def _call(self, uri: URI, action: str, fn: Callable[[], T]) -> T:
-        return retry.call(fn, what=f"{action} {uri}", classify=self._classifier(uri, action))
-
-    def _manager(self) -> Any:
-        config = TransferConfig(max_concurrency=self._workers, preferred_transfer_client="classic")
-        return create_transfer_manager(self._s3(), config)
+    @contextlib.contextmanager
+    def _manager(self, sizes: Sequence[int] | None = None) -> Iterator[Any]:
+        """s3transfer's manager, or None when every object in ``sizes`` is small enough for _get_small."""
+        if sizes is not None and all(size < self._transfer.multipart_threshold for size in sizes):
+            yield None
+            return
+        with create_transfer_manager(self._client, self._transfer) as manager:
+            yield manager
 
     @staticmethod
     def _s3_uri(uri: Location) -> URI:
@@ -232,7 +147,9 @@ class S3Storage:
 
         def run() -> list[ObjectInfo]:
             found = []
-            pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=key_prefix)
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=uri.bucket, Prefix=key_prefix
+            )
             for page in pages:
                 for obj in page.get("Contents", []):
                     found.append(
@@ -253,7 +170,7 @@ class S3Storage:
 
         def head() -> Any:
             try:
-                return self._s3().head_object(Bucket=parsed.bucket, Key=key)
+                return self._client.head_object(Bucket=parsed.bucket, Key=key)
             except ClientError as exc:
                 if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) == 404:
                     return _MISSING
@@ -262,7 +179,7 @@ class S3Storage:
         found = self._call(parsed, "stat", head)
         if found is _MISSING:
             # A HEAD 404 has no body, so "no such key" and "no such bucket" look alike: ask the bucket.
-            self._call(parsed, "open the bucket of", lambda: self._s3().head_bucket(Bucket=parsed.bucket))
+            self._call(parsed, "open the bucket of", lambda: self._client.head_bucket(Bucket=parsed.bucket))
             return None
         return ObjectInfo(
             key=key,
@@ -276,7 +193,7 @@ class S3Storage:
         key = self._object_key(parsed)
         # The body is read inside the attempt: a connection cut mid-body is retried like any other failure.
         return self._call(
-            parsed, "read", lambda: self._s3().get_object(Bucket=parsed.bucket, Key=key)["Body"].read()
+            parsed, "read", lambda: self._client.get_object(Bucket=parsed.bucket, Key=key)["Body"].read()
         )
 
     def download_file(self, uri: Location, local_path: str | Path) -> ObjectInfo:
@@ -284,7 +201,7 @@ class S3Storage:
         info = self.stat(parsed)
         if info is None:
             raise ConfigError(f"{parsed} does not exist")
-        with self._manager() as manager:
+        with self._manager([info.size]) as manager:
             self._fetch(manager, parsed, info, Path(local_path), None)
         return info
 
@@ -303,35 +220,54 @@ class S3Storage:
         todo, skipped = plan_download(
             self.list(uri), dest, manifest, source=str(uri), allow_patterns=allow_patterns
         )
-        bar = progress_bar(total=sum(o.size for o, _ in todo), desc=f"fetch {uri}", enabled=progress)
+        total = sum(o.size for o, _ in todo)
+        shown = TransferProgress(f"fetch {uri}", files=len(todo), total_bytes=total, enabled=progress)
 
         def one(obj: ObjectInfo, target: Path) -> None:
-            self._fetch(manager, uri.join(obj.key), obj, target, bar)
+            self._fetch(manager, uri.join(obj.key), obj, target, shown)
             manifest.record(obj.key, obj)
 
         try:
-            with bar, self._manager() as manager:
+            with shown, self._manager([o.size for o, _ in todo]) as manager:
                 self._run_all([lambda o=o, t=t: one(o, t) for o, t in todo])
         finally:
             manifest.save(str(uri))
-        return TransferReport(transferred=len(todo), skipped=skipped, bytes=sum(o.size for o, _ in todo))
+        return TransferReport(transferred=len(todo), skipped=skipped, bytes=total)
 
-    def _fetch(self, manager: Any, uri: URI, info: ObjectInfo, target: Path, bar: Any) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        subscribers = [_KnownObject(info.size, info.etag)] + ([_Progress(bar)] if bar is not None else [])
+    def _fetch(
+        self, manager: Any, uri: URI, info: ObjectInfo, target: Path, shown: TransferProgress | None
+    ) -> None:
+        """``uri`` to ``target``, atomically: each attempt writes a temporary file beside it (``manager``
+        renames its own temporary file over ours when complete), so the final name only ever holds a whole
+        object and a failed attempt leaves nothing."""
+        small = manager is None or info.size < self._transfer.multipart_threshold
+        if small:
 
-        def attempt() -> None:
-            # s3transfer writes its own temp file beside ours and renames it into place when complete; we then
-            # rename ours over the final name, so the final name only ever holds a whole object.
-            tmp = part_path(target)
-            try:
-                with writing(target, info.size):
-                    manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            def write(tmp: Path) -> None:
+                self._get_small(uri, info, tmp)
+        else:
+            subscribers = [_KnownObject(info.size, info.etag)] + ([_Progress(shown)] if shown else [])
 
-        self._call(uri, "download", attempt)
+            def write(tmp: Path) -> None:
+                manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
+
+        self._call(uri, "download", lambda: write_atomic(target, write, suffix=PART_SUFFIX, size=info.size))
+        if shown is not None:
+            shown.file_done(info.size if small else 0)  # a large one's bytes came through _Progress
+
+    def _get_small(self, uri: URI, info: ObjectInfo, tmp: Path) -> None:
+        """One GetObject streamed into ``tmp``: below the multipart threshold s3transfer sends the same
+        request, but its futures and per-object bookkeeping cost more than the request itself (2,000 small
+        objects: BENCHMARKS.md). If-Match on the listing's ETag, as s3transfer sends: an object replaced
+        since the listing is a 412, never a mix of two versions under one manifest entry."""
+        extra = {"IfMatch": f'"{info.etag}"'} if info.etag else {}
+        body = self._client.get_object(Bucket=uri.bucket, Key=uri.path, **extra)["Body"]
+        with open(tmp, "wb") as out:
+            # botocore checks the bytes against Content-Length at the end: a cut body is retried.
+            shutil.copyfileobj(body, out, 1 << 20)
+            written = out.tell()
+        if written != info.size:  # a store that ignores If-Match
+            raise TransientError(f"{uri} changed while it was being downloaded; run again")
 
     def _run_all(self, tasks: Sequence[Callable[[], None]]) -> None:
         """Run tasks on a thread pool (many small objects are latency-bound); the first failure wins."""
@@ -352,7 +288,7 @@ class S3Storage:
     def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:
         parsed = self._s3_uri(uri)
         key = self._object_key(parsed)
-        self._call(parsed, "write", lambda: self._s3().put_object(Bucket=parsed.bucket, Key=key, Body=data))
+        self._call(parsed, "write", lambda: self._client.put_object(Bucket=parsed.bucket, Key=key, Body=data))
 
     def upload_file(
         self, local_path: str | Path, uri: Location, *, commit_message: str | None = None
@@ -362,15 +298,17 @@ class S3Storage:
         with self._manager() as manager:
             self._put(manager, Path(local_path), parsed, None)
 
-    def _put(self, manager: Any, path: Path, uri: URI, bar: Any) -> None:
+    def _put(self, manager: Any, path: Path, uri: URI, shown: TransferProgress | None) -> None:
         if not path.is_file():
             raise ConfigError(f"cannot upload {path}: not a file")
-        subscribers = [_Progress(bar)] if bar is not None else []
+        subscribers = [_Progress(shown)] if shown is not None else []
         self._call(
             uri,
             "upload",
             lambda: manager.upload(str(path), uri.bucket, uri.path, subscribers=subscribers).result(),
         )
+        if shown is not None:
+            shown.file_done()
 
     def upload_folder(
         self,
@@ -386,9 +324,9 @@ class S3Storage:
             raise ConfigError(f"cannot upload {src}: not a folder")
         files = list(iter_upload_files(src))
         total = sum(p.stat().st_size for _, p in files)
-        bar = progress_bar(total=total, desc=f"upload {uri}", enabled=progress)
-        with bar, self._manager() as manager:
-            self._run_all([lambda r=r, p=p: self._put(manager, p, uri.join(r), bar) for r, p in files])
+        shown = TransferProgress(f"upload {uri}", files=len(files), total_bytes=total, enabled=progress)
+        with shown, self._manager() as manager:
+            self._run_all([lambda r=r, p=p: self._put(manager, p, uri.join(r), shown) for r, p in files])
         return TransferReport(transferred=len(files), bytes=total)
 
     # -- conditional writes (the run lease) ------------------------------------------------------------
@@ -399,7 +337,7 @@ class S3Storage:
 
         def get() -> Versioned | None:
             try:
-                answer = self._s3().get_object(Bucket=parsed.bucket, Key=key)
+                answer = self._client.get_object(Bucket=parsed.bucket, Key=key)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "NoSuchKey":
                     return None
@@ -421,7 +359,7 @@ class S3Storage:
 
         def put() -> bool:
             try:
-                self._s3().put_object(Bucket=parsed.bucket, Key=key, Body=data, **condition)
+                self._client.put_object(Bucket=parsed.bucket, Key=key, Body=data, **condition)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -447,8 +385,8 @@ class S3Storage:
         """
         parsed = self._s3_uri(prefix)
         key = f"{parsed.path}/.lokr-check" if parsed.path else ".lokr-check"
-        client = self._s3()
-        self._call(parsed, _REACH_BUCKET, lambda: client.head_bucket(Bucket=parsed.bucket))
+        client = self._client
+        self._call(parsed, REACH_BUCKET, lambda: client.head_bucket(Bucket=parsed.bucket))
         upload = self._call(
             parsed,
             "check write access to",
@@ -468,7 +406,7 @@ class S3Storage:
             batch = keys[start : start + 1000]
 
             def remove(batch: list[str] = batch) -> None:
-                answer = self._s3().delete_objects(
+                answer = self._client.delete_objects(
                     Bucket=parsed.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
                 errors = answer.get("Errors") or []

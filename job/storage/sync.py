@@ -1,5 +1,5 @@
-"""What the backends share when moving folders: safe local paths, the download manifest, atomic writes,
-upload file lists and progress bars.
+"""What the backends share when moving folders: safe local paths, the download manifest, upload file lists
+and transfer progress.
 
 The manifest (``<local_dir>/.lokr-manifest.json``) records, per relative path, the size and etag of the
 object last downloaded there. A file is skipped when the remote size+etag match the manifest and the local
@@ -13,16 +13,18 @@ import fnmatch
 import json
 import os
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from job.errors import ConfigError
+from job.files import write_bytes_atomic
+from job.progress import Progress
 from job.storage.base import ObjectInfo
 
 MANIFEST_NAME = ".lokr-manifest.json"
 STAGING_NAME = ".lokr-staging"
+# The suffix of our temporary files (``job.files.write_atomic``'s ``suffix``), so a leftover one is known.
 PART_SUFFIX = ".lokr-part"
 # Our own bookkeeping and huggingface_hub's local-dir metadata never travel in either direction.
 _INTERNAL_NAMES = (MANIFEST_NAME, STAGING_NAME)
@@ -56,15 +58,18 @@ def unsafe_reason(key: str) -> str | None:
     return None
 
 
-def local_target(local_dir: Path, rel: str) -> Path:
-    """``local_dir/rel``, refusing anything that would land outside ``local_dir`` (symlinks included)."""
+def local_target(local_dir: Path, rel: str, inside: set[Path]) -> Path:
+    """``local_dir/rel``, refusing anything that would land outside ``local_dir`` (symlinks included).
+    ``inside`` holds folders already found inside it: resolving each file's folder again costs more than
+    fetching a small object."""
     reason = unsafe_reason(rel)
     if reason:
         raise ConfigError(f"refusing to write {rel!r} under {local_dir}: {reason}")
     target = local_dir / rel
-    root = local_dir.resolve()
-    if not target.parent.resolve().is_relative_to(root):
-        raise ConfigError(f"refusing to write {rel!r}: it resolves outside {local_dir}")
+    if target.parent not in inside:
+        if not target.parent.resolve().is_relative_to(local_dir.resolve()):
+            raise ConfigError(f"refusing to write {rel!r}: it resolves outside {local_dir}")
+        inside.add(target.parent)
     return target
 
 
@@ -108,7 +113,7 @@ class Manifest:
     def save(self, source: str) -> None:
         with self._lock:
             payload = {"version": 1, "source": source, "files": dict(sorted(self._files.items()))}
-        atomic_write_bytes(self.path, json.dumps(payload, indent=1).encode())
+        write_bytes_atomic(self.path, json.dumps(payload, indent=1).encode(), suffix=PART_SUFFIX)
 
 
 def plan_download(
@@ -130,32 +135,17 @@ def plan_download(
         raise ConfigError(f"refusing to download from {source}: unsafe keys {shown}{more}")
     todo: list[tuple[ObjectInfo, Path]] = []
     skipped = 0
+    inside: set[Path] = set()
     for obj in objects:
         # Keys ending in "/" are the folder markers some S3 tools write; they hold no data.
         if obj.key.endswith("/") or is_internal(obj.key) or not match_patterns(obj.key, allow_patterns):
             continue
-        target = local_target(local_dir, obj.key)
+        target = local_target(local_dir, obj.key, inside)
         if manifest.is_current(obj.key, obj, target):
             skipped += 1
         else:
             todo.append((obj, target))
     return todo, skipped
-
-
-def part_path(final: Path) -> Path:
-    """A hidden temp name next to ``final``: same filesystem, so ``os.replace`` is atomic."""
-    return final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = part_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def iter_upload_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
@@ -171,8 +161,32 @@ def iter_upload_files(local_dir: Path) -> Iterator[tuple[str, Path]]:
     yield from sorted(found)
 
 
-def progress_bar(*, total: int, desc: str, enabled: bool) -> Any:
-    """A byte-counting tqdm bar; ``enabled`` means "when stderr is a terminal" (tqdm's ``disable=None``)."""
-    from tqdm.auto import tqdm
+class TransferProgress:
+    """Bytes and files moved by one bulk transfer, reported through ``job.progress``: a bar on a
+    terminal, otherwise a log line with rate and ETA every 30 s and one at the end (container logs).
+    Thread-safe; does nothing when ``enabled`` is False."""
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if enabled else True)
+    def __init__(self, desc: str, *, files: int, total_bytes: int | None, enabled: bool):
+        self._files, self._done = files, 0
+        self._lock = threading.Lock()
+        self._progress = Progress(desc, total_bytes, unit="B") if enabled and files else None
+
+    def add_bytes(self, n: int) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress.update(n)
+
+    def file_done(self, size: int = 0) -> None:
+        """One more file complete; ``size`` is its bytes not already counted by ``add_bytes``."""
+        if self._progress is not None:
+            with self._lock:
+                self._done += 1
+                self._progress.set_postfix(files=f"{self._done}/{self._files}")
+                self._progress.update(size)
+
+    def __enter__(self) -> TransferProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.close()

@@ -14,7 +14,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from job.track.redact import redact
+from job.redact import redact
 
 LOG_FORMAT_ENV = "LOKR_LOG_FORMAT"
 LOG_LEVEL_ENV = "LOKR_LOG_LEVEL"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from job.files import write_bytes_atomic
-from job.track.redact import redact
+from job.redact import redact
 
 log = logging.getLogger("lokr")
 
@@ -168,7 +168,7 @@ def reporting(workdir_status: Path, run_uri: str | None, command: str) -> Iterat
     """Around a stage command: status.json from start to exit, with the exit's reason and the code the CLI
     exits with. If the grace watchdog or a second signal has to end the process, the local copy is made
     final first."""
-    from job.train import preemption
+    from job import preemption
 
     if int(os.environ.get("RANK", "0")) != 0:
         # One writer per run: the other processes of a multi-process job report nothing.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from job.track.redact import redact
+from job.redact import redact
 
 if TYPE_CHECKING:
     from job.config.loader import ResolvedConfig

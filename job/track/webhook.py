@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from job.track.redact import redact
+from job.redact import redact
 
 log = logging.getLogger("lokr.webhook")
 

@@ -1,1 +1,1 @@
-"""The training loop: loss, optimizers, schedules, EMA, checkpoints, preemption."""
+"""The training loop and its two trainers (LoKr, full-rank): loss, optimizers, schedules, EMA, checkpoints."""

@@ -1,7 +1,7 @@
 """Saving checkpoints while training: where, rotation, and the hooks told about each finished one.
 
 What goes into a checkpoint is the ``write`` callable's business (``state.save_training_state`` for a LoKr,
-``full.FullRankTraining.save`` for full-rank). A LoKr checkpoint is written by the main process alone (every
+``full.save_full_rank_state`` for full-rank). A LoKr checkpoint is written by the main process alone (every
 rank holds the same adapter); a ``collective`` one (ZeRO shards) by every process into one shared folder,
 which the main process then seals with the marker and renames into place.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,15 +27,14 @@ import torch
 
 from job.context import JobContext
 from job.errors import ConfigError
-from job.train.checkpointer import CheckpointHook
-from job.train.loop import Trainer
+from job.train.loop import Trainer, TrainingRun
+from job.train.resume import resume_state
 from job.train.state import SCHEDULER_FILE, TrainState, read_state_record, write_state_record
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from job.train.loop import BatchSource
-    from job.train.run import TrainingRun
 
 log = logging.getLogger("lokr")
 
@@ -84,13 +82,7 @@ class FullRankTrainer(Trainer):
 
 
 def build_full_rank_trainer(
-    ctx: JobContext,
-    accelerator: Accelerator,
-    data: BatchSource,
-    total: int,
-    *,
-    should_stop: Callable[[], bool],
-    checkpoint_hooks: Iterable[CheckpointHook],
+    ctx: JobContext, accelerator: Accelerator, data: BatchSource, total: int
 ) -> TrainingRun:
     """Load the transformer, make every weight trainable, prepare it with DeepSpeed, resume per the config."""
     from job.model.checkpointing import enable_block_checkpointing
@@ -98,7 +90,6 @@ def build_full_rank_trainer(
     from job.model.transformer import load_dtype, load_transformer
     from job.train.checkpointer import Checkpointer
     from job.train.optimizers import build_optimizer, optimizer_overrides
-    from job.train.run import TrainingRun, resume_state
     from job.train.schedule import build_lr_scheduler
 
     config, job, workdir = ctx.config, ctx.config.job, ctx.workdir
@@ -140,7 +131,6 @@ def build_full_rank_trainer(
         total_limit=job.checkpoints_total_limit,
         collective=True,
     )
-    checkpointer.on_complete.extend(checkpoint_hooks)
     if resumed is not None:
         checkpointer.last_saved_step = resumed.step
     module = accelerator.unwrap_model(engine)
@@ -152,7 +142,6 @@ def build_full_rank_trainer(
         job=job,
         input_dtype=module.dtype,
         checkpointer=checkpointer,
-        should_stop=should_stop,
     )
     # Under ZeRO-3 every rank holds a slice of each weight, and a forward pass needs all ranks: the main
     # process alone (validation, eval loss) would wait for the others forever.

@@ -1,5 +1,6 @@
-"""The training loop: optimizer steps of flow-matching loss on the LoKr-wrapped transformer
-(``LoKrTrainer``), or on every weight of the transformer (``job.train.full.FullRankTrainer``).
+"""The training loop both trainers share: optimizer steps of flow-matching loss on the LoKr-wrapped
+transformer (``job.train.lokr``) or on every weight of it (``job.train.full``); each of those modules
+builds its trainer into a ``TrainingRun``.
 
 Each step draws its σ, noise and caption-dropout decisions from a generator seeded by (seed, step, rank)
 and reads its batches by (epoch, index), so a step is a pure function of the checkpointed state: an
@@ -21,17 +22,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from job.config.schema import JobConfig
+from job.flow_matching import draw_step, flow_target, noisy_latents, schedule_shift, step_generator
 from job.train.checkpointer import Checkpointer
-from job.train.flow import draw_step, flow_target, noisy_latents, schedule_shift, step_generator
 from job.train.loss import training_loss
-from job.train.output import write_output
 from job.train.progress import StepReport, TrainProgress
-from job.train.state import TrainingObjects, TrainState
+from job.train.state import TrainState
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from job.train.observers import TrainingObserver
+    from job.model.offload.hooks import GroupOffload
 
 log = logging.getLogger("lokr")
 
@@ -58,6 +58,18 @@ class StepResult:
     loss: float
     lr: float
     grad_norm: float | None = None  # the trained weights' gradient norm before clipping
+
+
+class StepObserver(Protocol):
+    """What the loop tells ``job.train.observers.TrainingObserver``."""
+
+    def on_start(self, step: int, total: int) -> None: ...
+
+    def on_step(self, step: int, result: StepResult, seconds: float) -> None: ...
+
+    def on_end(self, step: int, *, finished: bool) -> None: ...
+
+    def on_failure(self, step: int, exc: BaseException) -> None: ...
 
 
 class Trainer(ABC):
@@ -89,7 +101,7 @@ class Trainer(ABC):
         self.log_every = log_every
         self.patch_size = transformer.config.patch_size
         self._null_embedding: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.observer: TrainingObserver | None = None
+        self.observer: StepObserver | None = None
 
     def train(self, state: TrainState, total: int) -> bool:
         """Run optimizer steps until ``total``; False when ``should_stop`` ended it early (state saved)."""
@@ -239,66 +251,11 @@ class Trainer(ABC):
         self.checkpointer.save(state)
 
 
-class LoKrTrainer(Trainer):
-    """Trains the LoKr adapter on the frozen (maybe quantized or offloaded) transformer."""
+@dataclass
+class TrainingRun:
+    """A built trainer and where it starts: what ``job.train.lokr`` and ``job.train.full`` hand the run."""
 
-    def __init__(self, *, objects: TrainingObjects, **kwargs: Any):
-        super().__init__(objects=objects, **kwargs)
-        self.objects: TrainingObjects = objects
-        self.network = objects.network
-        self.multiplier = objects.lycoris.multiplier
-        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def base_prediction(
-        self, noisy: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, sigmas: torch.Tensor
-    ) -> torch.Tensor:
-        """The transformer's prediction with the adapter switched off (multiplier 0)."""
-        self.network.set_multiplier(0.0)
-        try:
-            return self.predict(noisy, embeds, mask, sigmas)
-        finally:
-            self.network.set_multiplier(self.multiplier)
-
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
-        self.accelerator.backward(loss / self.job.gradient_accumulation_steps)
-
-    def apply_gradients(self) -> float | None:
-        # Average over processes, clip, step.
-        self._sync_gradients()
-        grad_norm = self._clip_gradients()
-        self.objects.optimizer.step()
-        return grad_norm
-
-    def after_optimizer_step(self, step: int) -> None:
-        # The EMA follows the new weights every ema_update_interval steps (SimpleTuner's should_update_ema).
-        ema = self.objects.ema
-        if ema is not None and step % self.job.ema_update_interval == 0:
-            ema.update(step)
-
-    def save_output(self, output_dir: Path, *, config_hash: str, step: int) -> None:
-        if self.accelerator.is_main_process:
-            objects = self.objects
-            write_output(
-                output_dir, objects.network, objects.ema, objects.lycoris, config_hash=config_hash, step=step
-            )
-
-    def _sync_gradients(self) -> None:
-        """Average the adapter's gradients over processes (the transformer is not DDP-wrapped: it is frozen)."""
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        for grad, reduced in zip(grads, self.accelerator.reduce(grads, reduction="mean"), strict=True):
-            grad.copy_(reduced)
-
-    def _clip_gradients(self) -> float | None:
-        """Clip per the config; return the gradient norm before clipping when an observer wants it."""
-        limit = self.job.max_grad_norm
-        if limit and self.job.grad_clip_method != "value":
-            return float(torch.nn.utils.clip_grad_norm_(self.parameters, limit))
-        # Only an observer reads the norm: without one, skip the extra pass over the gradients.
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if self.observer is not None and grads else None
-        if limit:
-            torch.nn.utils.clip_grad_value_(self.parameters, limit)
-        return norm
+    trainer: Trainer
+    state: TrainState  # where to continue from: a fresh start or the resumed checkpoint's position
+    offload: GroupOffload | None
+    renders: bool = True  # whether the main process alone can run the model (validation, eval loss)

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from job.train.flow import flow_loss
+from job.flow_matching import flow_loss
 
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["snr", "exponential", "constant"]

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 
     from job.cache.dataset import Batch, TrainingData
     from job.context import JobContext
-    from job.train.loop import StepResult
-    from job.train.run import TrainingRun
+    from job.train.loop import StepResult, TrainingRun
     from job.validate.render import Adapter
 
 log = logging.getLogger("lokr")

@@ -1,4 +1,4 @@
-"""Training progress for people: step, loss, lr, s/step and ETA on a tqdm bar (``job.track.progress``)
+"""Training progress for people: step, loss, lr, s/step and ETA on a tqdm bar (``job.progress``)
 when stderr is a terminal, and as one log line every ``log_every`` steps either way."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from job.track.progress import Progress
+from job.progress import Progress
 
 log = logging.getLogger("lokr")
 

@@ -26,8 +26,9 @@ from job import distributed
 from job.context import JobContext
 from job.files import make_temp_folder
 from job.lease import fence
+from job.preemption import current as current_preemption
+from job.redact import redact
 from job.storage import join, parse_uri, storage_for
-from job.track.redact import redact
 from job.track.status import StatusReporter, active
 from job.train.checkpoint import (
     MARKER,
@@ -37,7 +38,6 @@ from job.train.checkpoint import (
     verify,
 )
 from job.train.checkpointer import CheckpointHook
-from job.train.preemption import current as current_preemption
 
 log = logging.getLogger("lokr")
 

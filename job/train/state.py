@@ -6,7 +6,8 @@ Layout of ``checkpoint-<step:08d>/``:
 - ``ema.safetensors``: the EMA weights (``use_ema`` only)
 - ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s (``torch.load(weights_only=True)`` reads them)
 - ``rng.pt``: the Python, NumPy, torch CPU and CUDA generator states (of the main process: a step's
-  own randomness comes from ``flow.step_generator``, so these only matter to code outside the step)
+  own randomness comes from ``job.flow_matching.step_generator``, so these only matter to code outside
+  the step)
 - ``trainer_state.json``: step, data position, config hash, world size, library versions
 - ``COMPLETE``: written last (see ``checkpoint.py``)
 """

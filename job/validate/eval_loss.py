@@ -40,7 +40,7 @@ def eval_loss(
     import torch
 
     # The same x_t and target as the training loss: an eval loss must measure what training optimises.
-    from job.train.flow import flow_target, noisy_latents
+    from job.flow_matching import flow_target, noisy_latents
 
     first = next(transformer.parameters())
     device = torch.device(device) if device is not None else first.device

@@ -21,8 +21,9 @@ import json5
 from job.config.loader import FILE_KEYS
 from job.config.paths import RemoteOrigin, is_remote
 from job.errors import ConfigError
+from job.files import write_bytes_atomic
 from job.storage import ObjectInfo, Storage, parse_uri, storage_for
-from job.storage.sync import atomic_write_bytes
+from job.storage.sync import PART_SUFFIX
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
@@ -69,7 +70,7 @@ def fetch_config(config_uri: str, workdir: WorkDir, overrides: list[str]) -> tup
 
     _remove_unlisted(mirror, set(fetched))
     text = json.dumps({"config": config_uri, "root": root, "files": fetched}, indent=1, sort_keys=True)
-    atomic_write_bytes(workdir.config / ORIGIN_FILE, text.encode())
+    write_bytes_atomic(workdir.config / ORIGIN_FILE, text.encode(), suffix=PART_SUFFIX)
     return config_path, origin
 
 

@@ -1,4 +1,4 @@
-"""Progress for long loops (fetch, warm, train): a tqdm bar on a terminal, periodic log lines otherwise.
+"""Progress for long loops (fetch and other transfers, warm, train): a tqdm bar on a terminal, periodic log lines otherwise.
 
 A bar redrawn with carriage returns is noise in a container log, so when stderr is not a terminal the
 same progress is reported as one log line every ``interval_s`` seconds, plus one at the end.

@@ -1,0 +1,119 @@
+"""Where training continues from: the checkpoint ``resume_from_checkpoint`` names, loaded by the trainer's
+own ``load``; with ``latest``, checkpoints that fail to load are set aside (here and at the run URI) and the
+one before is tried. Both trainers (``job.train.lokr``, ``job.train.full``) resume through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from job import distributed
+from job.context import JobContext
+from job.distributed import any_rank, require_same
+from job.errors import ConfigError, JobError, TransientError
+from job.train.checkpoint import checkpoint_step, latest_complete, resolve_resume, set_aside
+from job.train.remote import download_newer_checkpoint, set_aside_remote
+from job.train.state import TrainState
+
+log = logging.getLogger("lokr")
+
+
+def resume_state(
+    ctx: JobContext, total: int, load: Callable[[Path], TrainState], *, load_is_atomic: bool = True
+) -> TrainState | None:
+    """Restore the checkpoint ``resume_from_checkpoint`` names with ``load``; its position, or None when
+    training starts fresh. Every process resumes from the same checkpoint.
+
+    With ``latest``, a complete checkpoint whose contents fail to load (``load`` raises anything but a
+    ``JobError``, which means this config cannot continue it) is set aside, here and at the run URI, and the
+    one before is tried. ``load_is_atomic``: a failed ``load`` leaves the objects as they were; when it may
+    not (DeepSpeed's ``load_state``) and nothing loads, the process exits 75 to start fresh on clean ones.
+    """
+    root, setting = ctx.workdir.checkpoints, ctx.config.job.resume_from_checkpoint
+    if setting != "latest":
+        resume = resolve_resume(root, setting)
+        require_same(resume.name if resume is not None else None, "the checkpoint to resume from")
+        if resume is None:
+            return None
+        problem, state = _try_load(resume, load)
+        if state is None:
+            raise ConfigError(
+                f"resume_from_checkpoint: {resume} cannot be loaded: {problem}; use 'latest' to take the "
+                "newest one that loads, or 'none' to start over"
+            )
+        return _resumed(resume, state, total)
+    failed: list[str] = []
+    while (resume := _latest(root)) is not None:
+        problem, state = _try_load(resume, load)
+        if state is not None:
+            return _resumed(resume, state, total)
+        failed.append(resume.name)
+        _set_aside(ctx, resume, problem)
+    if failed and not load_is_atomic:
+        raise TransientError(
+            f"no checkpoint loads ({', '.join(failed)} set aside) and the failed loads may have changed the "
+            "model: run again to start from step 0"
+        )
+    if failed:
+        log.error(
+            "NO CHECKPOINT LOADS: %s set aside as unloadable; training starts again from step 0",
+            ", ".join(failed),
+        )
+    return None
+
+
+def _latest(root: Path) -> Path | None:
+    latest = latest_complete(root)
+    require_same(latest.name if latest is not None else None, "the checkpoint to resume from")
+    return latest
+
+
+def _try_load(folder: Path, load: Callable[[Path], TrainState]) -> tuple[str, TrainState | None]:
+    """``load(folder)``, or why it failed on any process (every process learns the same outcome)."""
+    problem, state = "", None
+    try:
+        state = load(folder)
+    except JobError:
+        raise  # this config cannot continue the checkpoint: the user decides, nothing is set aside
+    except Exception as exc:
+        log.debug("loading %s failed", folder, exc_info=True)
+        problem = f"{type(exc).__name__}: {exc}"
+    if any_rank(lambda: state is None)():
+        return problem or "it failed to load on another process", None
+    return "", state
+
+
+def _set_aside(ctx: JobContext, folder: Path, problem: str) -> None:
+    """Move ``folder`` aside on this machine and, when it came from the run URI, there too; then fetch the
+    run URI's next newest checkpoint if it is newer than what is left here."""
+    moved: Path | None = None
+
+    def locally() -> None:
+        nonlocal moved
+        moved = set_aside(folder, problem)
+
+    distributed.once_per_machine(locally)
+    if not ctx.run_uri:
+        return
+    run_uri, step = ctx.run_uri, checkpoint_step(folder)
+
+    def remotely() -> None:
+        if moved is not None and step is not None:  # None: another machine sharing the folder moved it
+            set_aside_remote(run_uri, moved, step)
+
+    distributed.once(remotely)
+    distributed.once_per_machine(lambda: download_newer_checkpoint(run_uri, ctx.workdir.checkpoints))
+
+
+def _resumed(folder: Path, state: TrainState, total: int) -> TrainState:
+    if state.step > total:
+        raise ConfigError(
+            f"resume_from_checkpoint: {folder.name} is at step {state.step}, past max_train_steps {total}; "
+            "raise max_train_steps or resume from an earlier checkpoint"
+        )
+    log.info(
+        "resumed from %s (step %d, epoch %d, batch %d)", folder, state.step, state.epoch, state.batch_index
+    )
+    return state
