@@ -152,7 +152,7 @@ def measure_row(row: RowSpec, setup: Setup, on_step: StepCallback, result: dict[
     Fills ``result`` as it goes, so that what was measured before an out-of-memory error is still reported.
     """
     from job.model.lokr import attach_lokr, reset_lycoris_preset
-    from job.model.offload import apply_group_offload
+    from job.model.offload.apply import apply_group_offload
     from job.model.transformer import prepare_base_model
 
     device, config, profile = setup.device, setup.model_config, setup.profile
