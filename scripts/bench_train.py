@@ -67,8 +67,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
-        _run_ok([sys.executable, "-m", "job", "tiny", str(root / "job")], root, env)
-        config = root / "job" / "config" / "config.json"
+        _run_ok([sys.executable, "-m", "job", "tiny", str(root / "tiny")], root, env)
+        config = root / "tiny" / "config" / "config.json"
         workdir = root / "work"
         _run_ok(
             [sys.executable, "-m", "job", "warm", "--config", str(config), "--workdir", str(workdir)],
@@ -80,7 +80,7 @@ def main() -> None:
         job_train = [sys.executable, "-m", "job", "train", "--config", str(config), "--workdir", str(workdir)]
         job_train += ["--set", f"max_train_steps={args.steps}"]
         job_train += ["--set", f"checkpoint_step_interval={CHECKPOINT_INTERVAL}"]
-        bare_args = (root / "job", batches, args.steps, root / "bare")
+        bare_args = (root / "tiny", batches, args.steps, root / "bare")
         bare = [sys.executable, __file__, "--bare-loop", *map(str, bare_args)]
         pairs = []
         for round_ in range(args.rounds + 1):  # round 0 warms the page cache and is not counted
