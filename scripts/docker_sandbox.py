@@ -151,9 +151,7 @@ def engine() -> Iterator[Engine]:
 
 
 def make_base(dockerd: Engine, tag: str = BASE_TAG) -> str:
-    """A minimal Debian made by debootstrap and imported as `tag` (kept if the engine has it already)."""
-    if dockerd.docker("image", "inspect", tag, check=False).returncode == 0:
-        return tag
+    """A minimal Debian made by debootstrap and imported into the engine as `tag`."""
     rootfs = Path(tempfile.mkdtemp(prefix="lokr-rootfs-"))
     try:
         started = time.monotonic()

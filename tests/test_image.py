@@ -38,14 +38,28 @@ CODE_LAYER_LIMIT = 5_000_000
 
 
 @pytest.fixture(scope="module")
-def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[docker_sandbox.Engine]:
-    with docker_sandbox.engine() as engine, docker_sandbox.torch_index() as index:
-        logs = tmp_path_factory.mktemp("build-logs")
-        base = docker_sandbox.make_base(engine)
-        docker_sandbox.build(engine, TAG, base=base, index_url=index.url, log_path=logs / "build.log")
-        engine.index_url = index.url  # type: ignore[attr-defined]  (the code-change rebuild needs it)
-        engine.base = base  # type: ignore[attr-defined]
-        yield engine
+def index() -> Iterator[docker_sandbox.TorchIndex]:
+    with docker_sandbox.torch_index() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[docker_sandbox.Engine]:
+    with docker_sandbox.engine() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def base(engine) -> str:
+    return docker_sandbox.make_base(engine)
+
+
+@pytest.fixture(scope="module")
+def dockerd(engine, base, index, tmp_path_factory: pytest.TempPathFactory) -> docker_sandbox.Engine:
+    """The engine, with the image built as TAG."""
+    logs = tmp_path_factory.mktemp("build-logs")
+    docker_sandbox.build(engine, TAG, base=base, index_url=index.url, log_path=logs / "build.log")
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +174,11 @@ def test_docker_stop_mid_training_exits_75_and_a_new_container_resumes_to_the_sa
     assert (runs / "stopped" / "output" / ADAPTER).read_bytes() == uninterrupted
 
 
-def test_a_code_only_change_adds_one_small_layer(dockerd, tmp_path):
+def test_a_code_only_change_adds_one_small_layer(dockerd, base, index, tmp_path):
     context = docker_sandbox.copy_context(tmp_path)
     with (context / "job" / "__init__.py").open("a") as module:
         module.write("\n# a code-only change\n")
-    docker_sandbox.build(
-        dockerd, "lokr-job:code-change", base=dockerd.base, index_url=dockerd.index_url, context=context
-    )
+    docker_sandbox.build(dockerd, "lokr-job:code-change", base=base, index_url=index.url, context=context)
     before = docker_sandbox.layers(dockerd, TAG)
     after = docker_sandbox.layers(dockerd, "lokr-job:code-change")
     kept = {diff_id for diff_id, _ in before}
