@@ -21,23 +21,26 @@ from typing import Any
 
 from job.oserrors import writing
 
+# The end of every temporary file name written here: uploads and listings skip such names (a file a kill
+# left half-written must never reach a run URI or the Hub).
+PART_SUFFIX = ".lokr-part"
+
 
 def write_atomic(
     path: Path,
     write: Callable[[Path], object],
     *,
     durable: bool = False,
-    suffix: str = ".tmp",
     size: int | None = None,
 ) -> None:
     """Call ``write(temporary_path)`` and move the result to ``path``.
 
-    The temporary file is ``.<name>.<random><suffix>`` beside ``path`` (a folder that is synced names
-    its own suffix, so a leftover one is never uploaded); ``size``, when known, goes into the full-disk
+    The temporary file is ``.<name>.<random>`` + ``PART_SUFFIX`` beside ``path``, a name the storage
+    sync skips, so one left by a kill is never uploaded; ``size``, when known, goes into the full-disk
     error. ``write`` may stream into the file or replace it with a rename of its own.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         with writing(path, size):  # a full disk names the file, even where the writer (safetensors) does not
@@ -98,8 +101,8 @@ def share_tree(root: Path) -> None:
                 os.chmod(path, folders if os.path.isdir(path) else files)
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False, suffix: str = ".tmp") -> None:
-    write_atomic(path, lambda temporary: temporary.write_bytes(data), durable=durable, suffix=suffix)
+def write_bytes_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    write_atomic(path, lambda temporary: temporary.write_bytes(data), durable=durable)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -12,8 +12,9 @@
 4. Write each dataset's training plan (``cache/buckets/<dataset>.json``) and bad-data report.
 
 The VAE and text encoder are loaded only when something is missing: a second warm on unchanged data
-stats the images, reads a few index files, loads no model and imports neither torch nor diffusers (the
-encoding side, ``job.cache.fill``, is imported only when something is missing).
+stats the images, reads a few index files, loads no model and imports no diffusers (the encoding side,
+``job.cache.fill``, is imported only when something is missing), nor torch with a CPU-only build of it; a
+CUDA build is imported to choose the device, which the text cache's keys depend on.
 """
 
 import logging

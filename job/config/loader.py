@@ -133,7 +133,7 @@ def load_config(
     if raw is None:
         raise ConfigError(problems.errors)
     raw = {key.removeprefix("--"): value for key, value in raw.items()}
-    raw.update(_parse_overrides(overrides or [], problems))
+    raw.update(parse_overrides(overrides or [], problems))
 
     known = set(JobConfig.model_fields)
     _screen_keys(raw, known, simpletuner.options().config, config_path, problems)
@@ -178,7 +178,8 @@ def load_config(
     )
 
 
-def _parse_overrides(overrides: list[str], problems: Problems) -> dict[str, Any]:
+def parse_overrides(overrides: list[str], problems: Problems) -> dict[str, Any]:
+    """``--set key=value`` items as config values: JSON when the value parses, else the text itself."""
     parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -18,12 +18,12 @@ from typing import Any
 
 import json5
 
-from job.config.loader import FILE_KEYS
+from job.config.loader import FILE_KEYS, parse_overrides
 from job.config.paths import RemoteOrigin, is_remote
+from job.config.problems import Problems
 from job.errors import ConfigError
 from job.files import write_bytes_atomic
 from job.storage import ObjectInfo, Storage, parse_uri, storage_for
-from job.storage.sync import PART_SUFFIX
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
@@ -70,7 +70,7 @@ def fetch_config(config_uri: str, workdir: WorkDir, overrides: list[str]) -> tup
 
     _remove_unlisted(mirror, set(fetched))
     text = json.dumps({"config": config_uri, "root": root, "files": fetched}, indent=1, sort_keys=True)
-    write_bytes_atomic(workdir.config / ORIGIN_FILE, text.encode(), suffix=PART_SUFFIX)
+    write_bytes_atomic(workdir.config / ORIGIN_FILE, text.encode())
     return config_path, origin
 
 
@@ -82,10 +82,7 @@ def _references(config_path: Path, overrides: list[str]) -> dict[str, str]:
     except (OSError, ValueError):
         raw = {}
     values = {str(k).removeprefix("--"): v for k, v in raw.items()} if isinstance(raw, dict) else {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep:
-            values[key.strip().removeprefix("--")] = _override_value(value)
+    values.update(parse_overrides(overrides, Problems()))  # a malformed one is the loader's to report
     # Only paths relative to the remote config are fetched: an absolute path is a mounted volume the loader
     # reads in place, and a URI is left for the loader to refuse.
     return {
@@ -97,14 +94,6 @@ def _references(config_path: Path, overrides: list[str]) -> dict[str, str]:
 
 def _absolute(value: str) -> bool:
     return is_remote(value) or value.startswith("file://") or Path(value).expanduser().is_absolute()
-
-
-def _override_value(text: str) -> Any:
-    """As the loader reads ``--set`` values: JSON when it parses, else the text itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def _fetch(

@@ -106,6 +106,10 @@ def _probe_all(
         else:
             stale.append(image)
     if stale:
+        # Pillow and numpy are first imported here, on one thread: numpy's lazy submodule imports race
+        # when the workers below start them at once (tests/test_cache_thread_imports.py).
+        import job.data.images  # noqa: F401
+
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for image, record in zip(stale, pool.map(lambda i: _probe(root, i), stale), strict=True):
                 probes[image.relpath] = record
@@ -115,7 +119,7 @@ def _probe_all(
 
 
 def _probe(root: Path, image: FoundImage) -> dict[str, Any]:
-    # Here, not above: Pillow and numpy cost a cached warm, which opens no image, a tenth of a second.
+    # Here, not at the top: Pillow and numpy cost a cached warm, which opens no image, a tenth of a second.
     from job.data.images import UnreadableImage, probe_image
 
     record: dict[str, Any] = {"size": image.size, "mtime_ns": image.mtime_ns}

@@ -22,7 +22,6 @@ from job.data.discovery import IMAGE_EXTENSIONS
 from job.errors import ConfigError
 from job.files import write_bytes_atomic
 from job.storage import TransferReport, parse_uri, storage_for
-from job.storage.sync import PART_SUFFIX
 
 log = logging.getLogger("lokr")
 
@@ -99,7 +98,7 @@ def write_metadata_captions(root: Path, column: str, *, keep: set[str]) -> int:
             text = "\n".join(str(c).strip() for c in captions) + "\n"
             # Unchanged captions are not rewritten: their mtimes stay, so the data scan reuses what it knows.
             if not target.is_file() or target.read_text(encoding="utf-8") != text:
-                write_bytes_atomic(target, text.encode("utf-8"), suffix=PART_SUFFIX)
+                write_bytes_atomic(target, text.encode("utf-8"))
                 written += 1
     return written
 

@@ -6,8 +6,8 @@ remote backend.
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 from typing import Any
 
 from job.storage.base import ObjectInfo, Storage, TransferReport, Versioned
@@ -31,12 +31,9 @@ __all__ = [
 
 # Backends are built once per scheme, options and environment and then shared, so a boto3 client (about
 # 0.1 s to build) serves every call of a run. The environment is part of the key because the client's
-# endpoint, region and credentials come from it (and tests change it between tests): every AWS_* variable
-# for S3 (boto3 reads a dozen), every HF_* one for the Hub. A few entries at most: one per store in a job.
+# endpoint, region and credentials come from it: every AWS_* variable for S3 (boto3 reads a dozen), every
+# HF_* one for the Hub. A few entries at most: one per store in a job.
 _ENV_PREFIXES = {"s3": ("AWS_", "LOKR_S3_"), "hf": ("HF_", "HUGGING_FACE_"), "file": ()}
-_MEMO_SIZE = 16
-_memo: dict[tuple[Any, ...], Storage] = {}
-_memo_lock = threading.Lock()
 
 
 def storage_for(uri: Location, **options: Any) -> Storage:
@@ -48,26 +45,20 @@ def storage_for(uri: Location, **options: Any) -> Storage:
     scheme = parse_uri(uri).scheme
     prefixes = _ENV_PREFIXES[scheme]
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(prefixes))) if prefixes else ()
-    key = (scheme, tuple(sorted(options.items())), env)
-    # Built under the lock: two threads asking at once must not build two clients.
-    with _memo_lock:
-        found = _memo.get(key)
-        if found is None:
-            found = _memo[key] = _build(scheme, options)
-            while len(_memo) > _MEMO_SIZE:
-                del _memo[next(iter(_memo))]  # the oldest: a store of an earlier environment
-        return found
+    return _build(scheme, tuple(sorted(options.items())), env)
 
 
-def _build(scheme: str, options: dict[str, Any]) -> Storage:
+@functools.lru_cache(maxsize=16)
+def _build(scheme: str, options: tuple[tuple[str, Any], ...], env: tuple[tuple[str, str], ...]) -> Storage:
+    # ``env`` is only the cache key: the backends read the environment themselves.
     if scheme == "s3":
         from job.storage.s3 import S3Storage
 
-        return S3Storage(**options)
+        return S3Storage(**dict(options))
     if scheme == "hf":
         from job.storage.hub import HubStorage
 
-        return HubStorage(**options)
+        return HubStorage(**dict(options))
     from job.storage.local import LocalStorage
 
     return LocalStorage()

@@ -59,8 +59,7 @@ def _bars_into(shown: TransferProgress) -> type[hf_tqdm]:
             if self._kind == "bytes":
                 shown.add_bytes(int(n or 0))
             elif self._kind == "files":
-                for _ in range(int(n or 0)):
-                    shown.file_done()
+                shown.file_done(count=int(n or 0))
             return super().update(n)
 
     return _Forward

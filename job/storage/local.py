@@ -13,7 +13,7 @@ from pathlib import Path
 from job.errors import ConfigError, PermissionDeniedError
 from job.files import write_atomic, write_bytes_atomic
 from job.storage.base import ObjectInfo, TransferReport, Versioned
-from job.storage.sync import PART_SUFFIX, Manifest, TransferProgress, iter_upload_files, plan_download
+from job.storage.sync import Manifest, TransferProgress, iter_upload_files, plan_download
 from job.storage.uri import Location, parse_uri
 
 
@@ -40,7 +40,7 @@ def _os_errors(what: str) -> Iterator[None]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), suffix=PART_SUFFIX)
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 @contextlib.contextmanager
@@ -89,7 +89,7 @@ class LocalStorage:
     def write_bytes(self, uri: Location, data: bytes, *, commit_message: str | None = None) -> None:
         path = _path(uri)
         with _os_errors(f"cannot write {path}"):
-            write_bytes_atomic(path, data, suffix=PART_SUFFIX)
+            write_bytes_atomic(path, data)
 
     def download_file(self, uri: Location, local_path: str | Path) -> ObjectInfo:
         src = _path(uri)

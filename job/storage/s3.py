@@ -30,7 +30,7 @@ from job.files import write_atomic
 from job.storage import retry
 from job.storage.base import ObjectInfo, TransferReport, Versioned
 from job.storage.s3_errors import REACH_BUCKET, classifier
-from job.storage.sync import PART_SUFFIX, Manifest, TransferProgress, iter_upload_files, plan_download
+from job.storage.sync import Manifest, TransferProgress, iter_upload_files, plan_download
 from job.storage.uri import URI, Location, parse_uri
 
 T = TypeVar("T")
@@ -251,7 +251,7 @@ class S3Storage:
             def write(tmp: Path) -> None:
                 manager.download(uri.bucket, uri.path, str(tmp), subscribers=subscribers).result()
 
-        self._call(uri, "download", lambda: write_atomic(target, write, suffix=PART_SUFFIX, size=info.size))
+        self._call(uri, "download", lambda: write_atomic(target, write, size=info.size))
         if shown is not None:
             shown.file_done(info.size if small else 0)  # a large one's bytes came through _Progress
 

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import ConfigError
-from job.files import write_bytes_atomic
+from job.files import PART_SUFFIX, write_bytes_atomic
 from job.progress import Progress
 from job.storage.base import ObjectInfo
 
 MANIFEST_NAME = ".lokr-manifest.json"
 STAGING_NAME = ".lokr-staging"
-# The suffix of our temporary files (``job.files.write_atomic``'s ``suffix``), so a leftover one is known.
-PART_SUFFIX = ".lokr-part"
 # Our own bookkeeping and huggingface_hub's local-dir metadata never travel in either direction.
 _INTERNAL_NAMES = (MANIFEST_NAME, STAGING_NAME)
 _INTERNAL_DIRS = (".cache/huggingface", ".git")
@@ -113,7 +111,7 @@ class Manifest:
     def save(self, source: str) -> None:
         with self._lock:
             payload = {"version": 1, "source": source, "files": dict(sorted(self._files.items()))}
-        write_bytes_atomic(self.path, json.dumps(payload, indent=1).encode(), suffix=PART_SUFFIX)
+        write_bytes_atomic(self.path, json.dumps(payload, indent=1).encode())
 
 
 def plan_download(
@@ -176,11 +174,11 @@ class TransferProgress:
             with self._lock:
                 self._progress.update(n)
 
-    def file_done(self, size: int = 0) -> None:
-        """One more file complete; ``size`` is its bytes not already counted by ``add_bytes``."""
+    def file_done(self, size: int = 0, count: int = 1) -> None:
+        """``count`` more files complete; ``size`` is their bytes not already counted by ``add_bytes``."""
         if self._progress is not None:
             with self._lock:
-                self._done += 1
+                self._done += count
                 self._progress.set_postfix(files=f"{self._done}/{self._files}")
                 self._progress.update(size)
 

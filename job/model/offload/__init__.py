@@ -34,7 +34,7 @@ only what training needs:
   reaches it; hooks on its inputs offload it once backward has passed it; whatever is still onloaded when
   the backward pass ends is offloaded then.
 - Disk files are one safetensors file per group plus ``manifest.json`` with each group's sha256 over its
-  leaves: valid files are reused, stale ones rewritten, and ``warm_only`` writes them ahead of training.
+  leaves: valid files are reused, stale ones rewritten; ``warm_only`` writes them without installing hooks.
 
 Trainable tensors (LoKr's, held by the LyCORIS network outside the transformer's module tree) are never
 offloaded; the transformer's own parameters outside the block lists (patch and time embeddings, caption
@@ -43,6 +43,6 @@ after attaching LoKr, and do not move the transformer with ``.to()`` afterwards.
 
 Modules: ``tensors`` (plain leaves and the placeholder), ``groups`` (which modules move together),
 ``store`` (host RAM or files), ``settings`` (the config's flags resolved for one device), ``hooks`` (the
-``GroupOffload`` that moves them), ``apply`` (from the job's config to an installed offloader, or to disk
-files only for ``lokr-job warm``).
+``GroupOffload`` that moves them), ``apply`` (from the job's config to an installed offloader, or to its
+disk files only).
 """

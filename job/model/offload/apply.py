@@ -1,5 +1,5 @@
-"""From the job's config to group offload: the offloader installed on the transformer, or (``lokr-job
-warm``) only its disk files written."""
+"""From the job's config to group offload: the offloader installed on the transformer, or only its disk
+files written (``warm_only``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def apply_group_offload(
 
     Call after the base model is cast/quantized and LoKr is attached, with the transformer anywhere (the
     weights are moved group by group, never all at once). ``warm_only`` writes or validates the disk files
-    and leaves the transformer untouched, so ``lokr-job warm`` pays for them instead of training.
+    and leaves the transformer untouched (for a stage that pays for them ahead of training; ``lokr-job
+    warm`` does not call it yet, so today ``train`` writes them before step 1).
     """
     if not job.enable_group_offload:
         return None
