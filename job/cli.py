@@ -1,12 +1,11 @@
 """The ``lokr-job`` command: argument parsing, dispatch to stages, exit codes.
 
-Only the standard library is imported at module level: ``lokr-job --help`` must answer in well under a
-second, so torch, diffusers and the cloud SDKs are imported by the stage that needs them.
+Only the standard library and ``job.settings`` (pydantic) are imported at module level: ``lokr-job --help``
+must answer in well under a second, so torch, diffusers and the cloud SDKs are imported by the stage that needs them.
 """
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from collections.abc import Sequence
 from job import __version__, distributed
 from job.errors import ConfigError, ExitCode, JobError
 from job.oserrors import map_os_error
+from job.settings import JobSettings, job_settings
 from job.track.logs import log_thread_deaths, setup_logging
 
 log = logging.getLogger("lokr")
@@ -78,19 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_job_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--config",
-        default=os.environ.get("LOKR_CONFIG"),
+        default=None,
         metavar="URI",
         help="config.json: a path, file://, s3://bucket/key or hf://[datasets/]owner/repo[@rev]/path (env LOKR_CONFIG)",
     )
     sub.add_argument(
         "--workdir",
-        default=os.environ.get("LOKR_WORKDIR", "lokr-work"),
+        default=None,
         metavar="PATH",
         help="local scratch (NVMe) for data, caches and checkpoints (env LOKR_WORKDIR; default ./lokr-work)",
     )
     sub.add_argument(
         "--run-uri",
-        default=os.environ.get("LOKR_RUN_URI"),
+        default=None,
         metavar="URI",
         help="durable remote prefix for checkpoints, status and output (env LOKR_RUN_URI)",
     )
@@ -108,12 +108,19 @@ def _add_recipe_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--recipe-change",
         choices=("refuse", "new-run", "continue"),
-        default=os.environ.get("LOKR_RECIPE_CHANGE", "refuse"),
+        default=None,
         help="when the run URI (or, without one, the work directory) holds a run of another recipe: "
         "refuse (exit 2, naming the keys that differ), new-run (move the old run to previous/ and start "
         "again) or continue (resume its checkpoints with the new settings) (env LOKR_RECIPE_CHANGE; "
         "default refuse)",
     )
+
+
+def apply_environment_defaults(args: argparse.Namespace, settings: JobSettings) -> None:
+    """An option not given on the command line takes its ``LOKR_*`` variable (``job.settings``)."""
+    for option in ("config", "workdir", "run_uri", "recipe_change"):
+        if hasattr(args, option) and getattr(args, option) is None:
+            setattr(args, option, getattr(settings, option))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        settings = job_settings()
+    except ConfigError as exc:
+        # Before logging is set up: its format and level are among the settings.
+        print(f"lokr-job: error: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+    apply_environment_defaults(args, settings)
     setup_logging()
     log_thread_deaths()
     if args.command in PREEMPTIBLE:

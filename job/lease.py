@@ -42,6 +42,7 @@ from typing import Any
 
 from job import distributed
 from job.errors import ConfigError, JobError, TransientError
+from job.settings import job_settings
 from job.workdir import WorkdirLock
 
 log = logging.getLogger("lokr")
@@ -73,25 +74,17 @@ class LeaseSettings:
     @classmethod
     def from_env(cls, run_uri: str) -> LeaseSettings:
         default_ttl = DEFAULT_HUB_TTL_SECONDS if run_uri.startswith("hf://") else DEFAULT_TTL_SECONDS
-        ttl = _seconds(TTL_ENV, default_ttl)
-        heartbeat = _seconds(HEARTBEAT_ENV, ttl / 3)
-        wait = _seconds(WAIT_ENV, ttl + _WAIT_MARGIN_SECONDS)
-        if ttl <= 0 or not 0 < heartbeat < ttl:
+        settings = job_settings()
+        ttl = settings.lease_ttl_seconds or default_ttl
+        heartbeat = settings.lease_heartbeat_seconds or ttl / 3
+        wait = settings.lease_wait_seconds
+        wait = ttl + _WAIT_MARGIN_SECONDS if wait is None else wait
+        if not heartbeat < ttl:
             raise ConfigError(
                 f"{TTL_ENV}={ttl:g} and {HEARTBEAT_ENV}={heartbeat:g}: the TTL must be positive and the "
                 "heartbeat shorter than it (a third of it by default)"
             )
         return cls(ttl=ttl, heartbeat=heartbeat, wait=max(0.0, wait))
-
-
-def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
 
 
 @dataclass(frozen=True)

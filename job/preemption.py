@@ -43,11 +43,10 @@ from types import FrameType
 from typing import NoReturn
 
 from job.errors import ExitCode, TransientError
+from job.settings import DEFAULT_GRACE_SECONDS, job_settings
 
 log = logging.getLogger("lokr")
 
-GRACE_ENV = "LOKR_GRACE_SECONDS"
-DEFAULT_GRACE_SECONDS = 20.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # The watcher starts the exit this long before the budget ends (a quarter of a small budget): the final
@@ -158,18 +157,6 @@ def flush_logs() -> None:
             stream.flush()
 
 
-def grace_seconds_from_env() -> float:
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        log.warning("%s=%r is not a number of seconds; using %g", GRACE_ENV, raw, DEFAULT_GRACE_SECONDS)
-        return DEFAULT_GRACE_SECONDS
-    return max(0.0, value)
-
-
 _current = Preemption(DEFAULT_GRACE_SECONDS)
 # The wakeup socket pair, kept open for the process's life (the C-level handler writes to its second end).
 _wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -182,7 +169,7 @@ def current() -> Preemption:
 def install() -> Preemption:
     """Handle SIGTERM and SIGINT from now on (main thread only) and start the watcher."""
     global _current, _wakeup
-    _current = Preemption(grace_seconds_from_env())
+    _current = Preemption(job_settings().grace_seconds)
     if _wakeup is None:
         _wakeup = socket.socketpair()
         _wakeup[1].setblocking(False)  # the C-level handler must never block on it

@@ -4,8 +4,9 @@ import re
 import subprocess
 import sys
 
-from job.cli import build_parser
+from job.cli import apply_environment_defaults, build_parser
 from job.errors import ExitCode
+from job.settings import job_settings
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -38,6 +39,7 @@ def test_each_job_option_reads_its_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv("LOKR_WORKDIR", "/scratch/work")
     monkeypatch.setenv("LOKR_RUN_URI", "hf://owner/runs/run1")
     args = build_parser().parse_args(["train"])
+    apply_environment_defaults(args, job_settings())
     assert (args.config, args.workdir, args.run_uri) == (
         "s3://bucket/config.json",
         "/scratch/work",

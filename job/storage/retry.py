@@ -6,7 +6,7 @@ dropped connections), or None (not a storage failure: let it through untouched, 
 is still failing after the last attempt becomes ``TransientError`` (exit 75), so the orchestrator retries
 the whole job later.
 
-Settings are read from the environment at call time, so tests can shrink the waits:
+Settings come from ``job.settings`` at call time, so tests can shrink the waits:
 ``LOKR_RETRY_ATTEMPTS`` (default 6), ``LOKR_RETRY_BASE_SECONDS`` (default 1) and
 ``LOKR_RETRY_MAX_SECONDS`` (default 60, also the cap on a server's Retry-After).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import TypeVar
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base, wait_exponential, wait_random
 
-from job.errors import ConfigError, JobError, TransientError
+from job.errors import JobError, TransientError
+from job.settings import job_settings
 
 log = logging.getLogger("job.storage")
 T = TypeVar("T")
@@ -50,15 +50,8 @@ class RetrySettings:
 
     @classmethod
     def from_env(cls) -> RetrySettings:
-        try:
-            attempts = int(os.environ.get("LOKR_RETRY_ATTEMPTS", cls.attempts))
-            base = float(os.environ.get("LOKR_RETRY_BASE_SECONDS", cls.base_seconds))
-            cap = float(os.environ.get("LOKR_RETRY_MAX_SECONDS", cls.max_seconds))
-        except ValueError as exc:
-            raise ConfigError(f"bad LOKR_RETRY_* setting: {exc}") from None
-        if attempts < 1 or base < 0 or cap < 0:
-            raise ConfigError("LOKR_RETRY_ATTEMPTS must be >= 1 and LOKR_RETRY_*_SECONDS >= 0")
-        return cls(attempts, base, cap)
+        settings = job_settings()
+        return cls(settings.retry_attempts, settings.retry_base_seconds, settings.retry_max_seconds)
 
 
 class _Backoff(wait_base):

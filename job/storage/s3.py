@@ -27,6 +27,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from job.errors import ConfigError, TransientError
 from job.files import write_atomic
+from job.settings import job_settings
 from job.storage import retry
 from job.storage.base import ObjectInfo, TransferReport, Versioned
 from job.storage.s3_errors import REACH_BUCKET, classifier
@@ -77,7 +78,7 @@ class S3Storage:
         region = region or os.environ.get("AWS_REGION") or None
         # Explicit keys (or None: the chain). Kept off the environment so no other store picks them up.
         self._explicit_keys = bool(access_key_id)
-        self._workers = max_concurrency or int(os.environ.get("LOKR_S3_CONCURRENCY", "16"))
+        self._workers = max_concurrency or job_settings().s3_concurrency
         # Below s3transfer's multipart threshold an object is one GetObject either way (see _get_small).
         self._transfer = TransferConfig(max_concurrency=self._workers, preferred_transfer_client="classic")
         self._session = boto3.session.Session(

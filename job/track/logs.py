@@ -3,21 +3,19 @@
 ``LOKR_LOG_FORMAT=json`` gives one JSON object per line (``ts``, ``level``, ``logger``, ``msg`` and any
 ``extra=`` fields); ``LOKR_LOG_LEVEL`` sets the level (default INFO). Every record passes a filter that
 masks credentials, and the formatted line is masked again so that exception text and structured extras
-are covered too. Only the standard library is imported here: the CLI calls this at start-up.
+are covered too. Besides the standard library only ``job.settings`` (pydantic) is imported here: the CLI
+calls this at start-up.
 """
 
 import json
 import logging
-import os
 import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from job.redact import redact
-
-LOG_FORMAT_ENV = "LOKR_LOG_FORMAT"
-LOG_LEVEL_ENV = "LOKR_LOG_LEVEL"
+from job.settings import job_settings
 
 # Libraries that give their own logger a stderr handler (and transformers/diffusers stop propagation):
 # their records would bypass our format and our redaction.
@@ -100,18 +98,13 @@ def setup_logging(stream: TextIO | None = None) -> logging.Handler:
     for old in [h for h in root.handlers if getattr(h, _OWN_HANDLER, False)]:
         root.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
-    json_lines = os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json"
-    handler.setFormatter(JsonFormatter() if json_lines else HumanFormatter())
+    settings = job_settings()
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else HumanFormatter())
     handler.addFilter(RedactingFilter())
     setattr(handler, _OWN_HANDLER, True)
     root.addHandler(handler)
 
-    level = os.environ.get(LOG_LEVEL_ENV, "INFO").strip().upper()
-    try:
-        root.setLevel(level)
-    except ValueError:
-        root.setLevel(logging.INFO)
-        logging.getLogger("lokr").warning("%s=%s is not a log level; using INFO", LOG_LEVEL_ENV, level)
+    root.setLevel(settings.log_level)
     # Python warnings (deprecations from diffusers, torch) go through the same format and redaction.
     logging.captureWarnings(True)
     # boto3 announces where it found credentials at INFO each time a client is made: noise, not news.

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
 from job.progress import Progress
+from job.settings import job_settings
 
 log = logging.getLogger("lokr")
 
-# LOKR_LOG_STEPS=1: one line per trained step (what the chaos test counts steps by; a post-mortem aid).
-_LOG_EACH_STEP = os.environ.get("LOKR_LOG_STEPS", "").strip() == "1"
 
 # A smoothed s/step: recent steps count most, and one slow step does not swing the ETA.
 _SMOOTHING = 0.1
@@ -34,6 +32,8 @@ class TrainProgress:
         self.seconds_per_step: float | None = None
         self.durations: list[float] = []
         self._last = time.perf_counter()
+        # LOKR_LOG_STEPS=1: one line per trained step (what the chaos test counts steps by; a post-mortem aid).
+        self._log_each_step = job_settings().log_steps
         # The bar's own periodic lines would repeat ours: ours are the log output.
         self._bar = Progress("train", total, unit="step", initial=initial, interval_s=math.inf)
 
@@ -49,7 +49,7 @@ class TrainProgress:
             loss=round(report.loss, 4), lr=f"{report.lr:.3g}", s_step=f"{self.seconds_per_step:.3f}"
         )
         self._bar.update()
-        if _LOG_EACH_STEP:
+        if self._log_each_step:
             log.info("step %d trained", report.step)
         if report.step % self.log_every == 0 or report.step == self.total:
             eta = self.seconds_per_step * (self.total - report.step)
