@@ -1,5 +1,6 @@
 """Fixtures shared across the suite."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def fresh_lycoris_preset() -> Iterator[None]:
     reset_lycoris_preset()
 
 
+@pytest.fixture
+def fresh_accelerate_state() -> None:
+    """accelerate keeps one state per process: a test that runs the job in this process must not inherit
+    another test's (its mixed precision, its device), whichever test the worker ran before."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny ops gain nothing from threads, and OpenMP workers spinning on a busy 2-core machine made each
@@ -36,3 +46,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class PicklePayload:
+    """What someone who can write to a run URI could plant in a checkpoint: unpickling it runs a command
+    that creates ``proof``."""
+
+    def __init__(self, proof: Path):
+        self.proof = proof
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.proof}",))
+
+
+@pytest.fixture
+def pickle_payload(tmp_path: Path) -> PicklePayload:
+    return PicklePayload(tmp_path / "payload-ran")

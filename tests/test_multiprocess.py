@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from job.errors import ExitCode
 from job.train.checkpoint import list_checkpoints
@@ -70,6 +71,9 @@ def test_two_ranks_train_one_model_together(runs) -> None:
     assert log.count("step 24/24") == 2  # both ranks ran every step ...
     state = json.loads((root / "whole/checkpoints/checkpoint-00000024/trainer_state.json").read_text())
     assert state["world_size"] == 2  # ... as one process group, not two lone runs of world size 1
+    # Each rank's generators are in the checkpoint, for code outside the seeded step (a LyCORIS dropout).
+    rng = torch.load(root / "whole/checkpoints/checkpoint-00000024/rng.pt", weights_only=True)
+    assert len(rng["ranks"]) == 2 and all(torch.is_tensor(rank["torch"]) for rank in rng["ranks"])
 
 
 def test_only_rank_0_writes_checkpoints_and_the_adapter(runs) -> None:

@@ -5,18 +5,21 @@ processes shard ZeRO-3 and refuse to be resumed by one, and the config's mistake
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from job.config.loader import load_config
-from job.errors import ConfigError, ExitCode
+from job.errors import ConfigError, DataError, ExitCode
 from job.train.checkpoint import list_checkpoints, verify
 from job.train.output import RESULT_FILE, TRANSFORMER_DIR
+from job.train.pickles import refuse_pickled_code
 from job.train.remote import remote_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -119,6 +122,22 @@ def test_a_stopped_run_resumes_to_the_same_bytes(zero2):
     for _, checkpoint in list_checkpoints(zero2["B"] / "checkpoints"):
         assert verify(checkpoint) is None
         assert (checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_zero_shard_carrying_a_pickle_payload_is_refused_before_deepspeed_loads_it(zero2, pickle_payload):
+    """DeepSpeed unpickles its shards with weights_only=False: its own classes pass the check, a planted
+    callable does not, and nothing runs."""
+    _, newest = list_checkpoints(zero2["B"] / "checkpoints")[-1]
+    checkpoint = shutil.copytree(newest, pickle_payload.proof.parent / newest.name)
+    refuse_pickled_code(checkpoint)
+    shard = checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(shard, weights_only=False)  # the file the test run just wrote
+    torch.save({**state, "hook": pickle_payload}, shard)
+    with pytest.raises(DataError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt names posix\.system"):
+        refuse_pickled_code(checkpoint)
+    assert not pickle_payload.proof.exists()
 
 
 @pytest.mark.slow

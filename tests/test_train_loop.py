@@ -16,10 +16,10 @@ from job.model.transformer import load_dtype, prepare_base_model
 from job.train.checkpoint import latest_complete, list_checkpoints
 from job.train.checkpointer import Checkpointer
 from job.train.ema import AdapterEMA
-from job.train.lokr import LoKrTrainer
+from job.train.lokr import LoKrObjects, LoKrState, LoKrTrainer
 from job.train.optimizers import adapter_dtype, build_optimizer
 from job.train.schedule import build_lr_scheduler, total_steps
-from job.train.state import TrainingObjects, TrainState, load_training_state, save_training_state
+from job.train.state import TrainingCheckpoint, TrainState
 
 pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
 
@@ -107,7 +107,7 @@ def make_trainer(
     network.to(dtype=adapter_dtype(job.optimizer))
     network.requires_grad_(True)
     optimizer = build_optimizer(job.optimizer, network.parameters(), job.learning_rate)
-    objects = TrainingObjects(
+    objects = LoKrObjects(
         network=network,
         optimizer=optimizer,
         scheduler=build_lr_scheduler(job, optimizer, total_steps(job, data.batches_per_epoch)),
@@ -116,14 +116,10 @@ def make_trainer(
     )
     checkpointer = None
     if checkpoints is not None:
-        checkpointer = Checkpointer(
-            checkpoints,
-            lambda folder, state: save_training_state(
-                folder, objects, state, config_hash="test", world_size=1
-            ),
-            accelerator,
-            total_limit=job.checkpoints_total_limit,
+        checkpoint = TrainingCheckpoint(
+            LoKrState(objects), objects.scheduler, accelerator, config_hash="test"
         )
+        checkpointer = Checkpointer(checkpoints, checkpoint, total_limit=job.checkpoints_total_limit)
     return LoKrTrainer(
         accelerator=accelerator,
         transformer=transformer,
@@ -272,9 +268,10 @@ def test_resume_in_process_is_bit_identical(tmp_path, optimizer):
     first.should_stop = iter([False] * 5 + [True]).__next__
     assert not first.train(TrainState(), 7)
     second = make_trainer(job, FakeData(), tmp_path / "b")
-    state = load_training_state(
-        latest_complete(tmp_path / "b"), second.objects, config_hash="test", world_size=1
+    checkpoint = TrainingCheckpoint(
+        LoKrState(second.objects), second.objects.scheduler, second.accelerator, config_hash="test"
     )
+    state = checkpoint.load(latest_complete(tmp_path / "b"))
     assert (state.step, state.epoch, state.batch_index) == (5, 3, 1)
     assert second.train(state, 7)
 

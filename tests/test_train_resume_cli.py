@@ -171,3 +171,27 @@ def test_the_adapter_merges_into_a_fresh_pipeline(runs):
     # The adapter's effect on the prediction stands clear of the float error of merging.
     effect = float((merged_velocity - base_velocity).abs().max())
     assert effect > 10 * float((merged_velocity - trained_velocity).abs().max())
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(runs, pickle_payload):
+    root, config = runs["root"], str(runs["config"])
+    workdir = root / "E"
+    lokr_job("run", "--config", config, "--workdir", str(workdir), "--set", "max_train_steps=8")
+    checkpoint = workdir / "checkpoints" / "checkpoint-00000008"
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    torch.save({**optimizer, "hook": pickle_payload}, checkpoint / "optimizer.pt")
+    write_marker(checkpoint, 8)  # whoever changed the file can rewrite the marker too
+    output = (workdir / "output" / RESULT_FILE).read_bytes()
+    env = {**os.environ, "LOKR_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "job", "run", "--config", config, "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "optimizer.pt names posix.system" in result.stderr
+    assert not pickle_payload.proof.exists()
+    assert checkpoint.is_dir(), "left in place for the user to inspect, not set aside or deleted"
+    assert (workdir / "output" / RESULT_FILE).read_bytes() == output, "nothing trained past the refusal"

@@ -1,9 +1,9 @@
 """Saving checkpoints while training: where, rotation, and the hooks told about each finished one.
 
-What goes into a checkpoint is the ``write`` callable's business (``state.save_training_state`` for a LoKr,
-``full.save_full_rank_state`` for full-rank). A LoKr checkpoint is written by the main process alone (every
-rank holds the same adapter); a ``collective`` one (ZeRO shards) by every process into one shared folder,
-which the main process then seals with the marker and renames into place.
+What goes into a checkpoint is ``state.TrainingCheckpoint``'s business, the same writer for both trainers.
+Every process first hands its random state to the main process; then a LoKr checkpoint is written by the
+main process alone (every rank holds the same adapter), a ``collective`` one (ZeRO shards) by every process
+into one shared folder, which the main process then seals with the marker and renames into place.
 
 ``on_complete`` callables get ``(path, step)`` once a checkpoint is complete and rotation is done, e.g. to
 upload it to the run URI in the background (they run on the main process only, and must not block long).
@@ -16,41 +16,34 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from job.train.checkpoint import rotate, seal_checkpoint, shared_staging_folder, write_checkpoint
-from job.train.state import TrainState
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from job.train.state import TrainingCheckpoint, TrainState, gather_rng_states
 
 log = logging.getLogger("lokr")
 
 CheckpointHook = Callable[[Path, int], None]
-CheckpointWriter = Callable[[Path, TrainState], None]
 
 
 class Checkpointer:
-    def __init__(
-        self,
-        root: Path,
-        write: CheckpointWriter,
-        accelerator: Accelerator,
-        *,
-        total_limit: int | None,
-        collective: bool = False,
-    ):
+    def __init__(self, root: Path, checkpoint: TrainingCheckpoint, *, total_limit: int | None):
         self.root = root
-        self.write = write
-        self.accelerator = accelerator
+        self.checkpoint = checkpoint
+        self.accelerator = checkpoint.accelerator
         self.total_limit = total_limit
-        self.collective = collective
+        self.collective = checkpoint.model.collective
         self.on_complete: list[CheckpointHook] = []
         self.last_saved_step: int | None = None
 
     def save(self, state: TrainState) -> None:
         started = time.perf_counter()
-        path = self._write_collectively(state) if self.collective else self._write_on_main(state)
+        rng_states = gather_rng_states(self.accelerator)
+
+        def write(folder: Path) -> None:
+            self.checkpoint.save(folder, state, rng_states)
+
+        writer = self._write_collectively if self.collective else self._write_on_main
+        path = writer(state.step, write)
         if path is not None:
             rotate(self.root, self.total_limit)
             log.info("checkpoint %s saved in %.1f s", path.name, time.perf_counter() - started)
@@ -59,23 +52,23 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.last_saved_step = state.step
 
-    def _write_on_main(self, state: TrainState) -> Path | None:
+    def _write_on_main(self, step: int, write: Callable[[Path], None]) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
-        return write_checkpoint(self.root, state.step, lambda folder: self.write(folder, state))
+        return write_checkpoint(self.root, step, write)
 
-    def _write_collectively(self, state: TrainState) -> Path | None:
-        staging = shared_staging_folder(self.root, state.step)
+    def _write_collectively(self, step: int, write: Callable[[Path], None]) -> Path | None:
+        staging = shared_staging_folder(self.root, step)
         if self.accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)  # left by an attempt that died mid-write
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        self.write(staging, state)
+        write(staging)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
         try:
-            return seal_checkpoint(self.root, state.step, staging)
+            return seal_checkpoint(self.root, step, staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -7,9 +7,10 @@ micro-batch as an accumulation boundary and step the optimizer each time. Clippi
 optimizer before ``prepare``: ZeRO's optimizer keeps that optimizer's param-group dicts, so the engine
 steps with the scheduled rate.
 
-A checkpoint is ``accelerate.save_state`` (every process writes its ZeRO shards and random state) plus
-``scheduler.pt`` and ``trainer_state.json``, sealed by the same ``COMPLETE`` marker as a LoKr's. ZeRO
-partitions belong to their rank, so a resume needs the same number of processes.
+A checkpoint's own part (``ZeroState``) is ``accelerate.save_state``: every process writes its ZeRO shards
+(and accelerate its random state) into one shared folder; the schedule, every rank's random state and the
+position are written by ``job.train.state.TrainingCheckpoint`` as for a LoKr, and sealed by the same
+``COMPLETE`` marker. ZeRO partitions belong to their rank, so a resume needs the same number of processes.
 
 The output is the whole transformer (ZeRO-3 gathers it on the main process), as diffusers saves it.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ from job.context import JobContext
 from job.errors import ConfigError
 from job.train.loop import Trainer, TrainingRun
 from job.train.resume import resume_state
-from job.train.state import SCHEDULER_FILE, TrainState, read_state_record, write_state_record
+from job.train.state import TrainingCheckpoint, TrainState
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -118,19 +120,11 @@ def build_full_rank_trainer(
     objects = FullRankObjects(engine=engine, optimizer=prepared_optimizer, scheduler=scheduler)
 
     _require_shared_checkpoints(accelerator, workdir.checkpoints)
+    checkpoint = TrainingCheckpoint(ZeroState(accelerator), scheduler, accelerator, config_hash=config.hash)
     resumed = resume_state(
-        ctx,
-        total,
-        lambda folder: load_full_rank_state(folder, objects, accelerator, config_hash=config.hash),
-        load_is_atomic=False,  # DeepSpeed's load_state may fail half-way
+        checkpoint, workdir.checkpoints, job.resume_from_checkpoint, run_uri=ctx.run_uri, total=total
     )
-    checkpointer = Checkpointer(
-        workdir.checkpoints,
-        lambda folder, at: save_full_rank_state(folder, objects, accelerator, at, config_hash=config.hash),
-        accelerator,
-        total_limit=job.checkpoints_total_limit,
-        collective=True,
-    )
+    checkpointer = Checkpointer(workdir.checkpoints, checkpoint, total_limit=job.checkpoints_total_limit)
     if resumed is not None:
         checkpointer.last_saved_step = resumed.step
     module = accelerator.unwrap_model(engine)
@@ -181,32 +175,29 @@ def _require_shared_checkpoints(accelerator: Accelerator, root: Path) -> None:
         ) from exc
 
 
-def save_full_rank_state(
-    folder: Path, objects: FullRankObjects, accelerator: Accelerator, state: TrainState, *, config_hash: str
-) -> None:
-    """Every process: its ZeRO shards and random state; the main process: schedule and position too."""
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        torch.save(objects.scheduler.state_dict(), folder / SCHEDULER_FILE)
-        write_state_record(folder, state, config_hash=config_hash, world_size=accelerator.num_processes)
+class ZeroState:
+    """Full-rank's part of a checkpoint: what ``accelerate.save_state`` writes for the prepared DeepSpeed
+    engine, every process its own shards (``job.train.pickles`` has checked them before they are loaded)."""
 
+    collective = True
+    load_is_atomic = False  # DeepSpeed's load_state may fail half-way
 
-def load_full_rank_state(
-    folder: Path, objects: FullRankObjects, accelerator: Accelerator, *, config_hash: str
-) -> TrainState:
-    state, record = read_state_record(folder, config_hash=config_hash, world_size=accelerator.num_processes)
-    written_by = record.get("world_size", 1)
-    if written_by != accelerator.num_processes:
-        raise ConfigError(
-            f"checkpoint {folder} holds ZeRO shards of {written_by} process(es), this run has "
-            f"{accelerator.num_processes}: run with {written_by} processes to continue it, or set "
-            "resume_from_checkpoint none to start over"
-        )
-    # Read before load_state changes the engine: a damaged file is found while nothing has changed yet.
-    scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-    accelerator.load_state(str(folder))
-    objects.scheduler.load_state_dict(scheduler)
-    return state
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+
+    def save(self, folder: Path) -> None:
+        self.accelerator.save_state(str(folder))
+
+    def read(self, folder: Path, record: dict[str, Any], *, same_recipe: bool) -> Callable[[], None]:
+        accelerator = self.accelerator
+        written_by = record.get("world_size", 1)
+        if written_by != accelerator.num_processes:
+            raise ConfigError(
+                f"checkpoint {folder} holds ZeRO shards of {written_by} process(es), this run has "
+                f"{accelerator.num_processes}: run with {written_by} processes to continue it, or set "
+                "resume_from_checkpoint none to start over"
+            )
+        return lambda: accelerator.load_state(str(folder))
 
 
 def write_full_rank_output(

@@ -1,38 +1,108 @@
 """LoKr training (``model_type: lora``): a LyCORIS LoKr adapter trains on the frozen transformer, which
 may be quantized or group-offloaded; the base weights never change.
 
-A checkpoint is the adapter, optimizer, schedule, EMA and position (``job.train.state``); the output is
+A checkpoint's own part (``LoKrState``) is the adapter, the EMA and the optimizer; the schedule, random
+states and position are written by ``job.train.state.TrainingCheckpoint`` as for full-rank. The output is
 ``pytorch_lora_weights.safetensors`` (``job.train.output``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from job.config.schema import LycorisConfig
 from job.context import JobContext
+from job.errors import ConfigError
 from job.train.loop import Trainer, TrainingRun
 from job.train.output import write_output
 from job.train.resume import resume_state
-from job.train.state import TrainingObjects, TrainState
+from job.train.state import TrainState
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from lycoris import LycorisNetwork
 
+    from job.train.ema import AdapterEMA
     from job.train.loop import BatchSource
 
 log = logging.getLogger("lokr")
+
+ADAPTER_FILE = "lokr.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class LoKrObjects:
+    """The stateful parts of LoKr training."""
+
+    network: LycorisNetwork
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AdapterEMA | None
+    lycoris: LycorisConfig
+
+
+class LoKrState:
+    """The LoKr's part of a checkpoint: ``lokr.safetensors``, ``ema.safetensors`` (``use_ema``) and
+    ``optimizer.pt``, written by the main process (every rank holds the same adapter)."""
+
+    collective = False
+    load_is_atomic = True
+
+    def __init__(self, objects: LoKrObjects):
+        self.objects = objects
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from job.model.lokr import save_adapter
+
+        objects = self.objects
+        save_adapter(objects.network, folder / ADAPTER_FILE, objects.lycoris)
+        if objects.ema is not None:
+            save_file(objects.ema.state_dict(), str(folder / EMA_FILE))
+        torch.save(objects.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def read(self, folder: Path, record: dict[str, Any], *, same_recipe: bool) -> Callable[[], None]:
+        from safetensors.torch import load_file
+
+        objects = self.objects
+        adapter = load_file(str(folder / ADAPTER_FILE))
+        _check_adapter(objects.network, adapter, folder, same_recipe=same_recipe)
+        ema = None
+        if objects.ema is not None:
+            if not (folder / EMA_FILE).is_file():
+                raise ConfigError(
+                    f"use_ema is on but checkpoint {folder} has no EMA state (it was trained without EMA); "
+                    "set use_ema false to continue it, or resume_from_checkpoint none to start over"
+                )
+            ema = load_file(str(folder / EMA_FILE))
+            _check_shapes(objects.ema.state_dict(), ema, EMA_FILE)
+        optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+
+        def apply() -> None:
+            # The optimizer checks its groups before it changes anything: first, so its refusal changes nothing.
+            objects.optimizer.load_state_dict(optimizer)
+            objects.network.load_state_dict(adapter, strict=True)
+            if objects.ema is not None and ema is not None:
+                objects.ema.load_state_dict(ema)
+
+        return apply
 
 
 class LoKrTrainer(Trainer):
     """Trains the LoKr adapter on the frozen (maybe quantized or offloaded) transformer."""
 
-    def __init__(self, *, objects: TrainingObjects, **kwargs: Any):
+    def __init__(self, *, objects: LoKrObjects, **kwargs: Any):
         super().__init__(objects=objects, **kwargs)
-        self.objects: TrainingObjects = objects
+        self.objects: LoKrObjects = objects
         self.network = objects.network
         self.multiplier = objects.lycoris.multiplier
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
@@ -104,7 +174,7 @@ def build_lokr_trainer(
     from job.train.ema import AdapterEMA
     from job.train.optimizers import adapter_dtype, build_optimizer, optimizer_overrides
     from job.train.schedule import build_lr_scheduler
-    from job.train.state import load_training_state, save_training_state
+    from job.train.state import TrainingCheckpoint
 
     config, job, workdir = ctx.config, ctx.config.job, ctx.workdir
     log.info(
@@ -125,7 +195,7 @@ def build_lokr_trainer(
     optimizer = build_optimizer(
         job.optimizer, network.parameters(), job.learning_rate, optimizer_overrides(job)
     )
-    objects = TrainingObjects(
+    objects = LoKrObjects(
         network=network,
         optimizer=optimizer,
         scheduler=build_lr_scheduler(job, optimizer, total),
@@ -137,21 +207,13 @@ def build_lokr_trainer(
         lycoris=config.lycoris,
     )
 
+    checkpoint = TrainingCheckpoint(
+        LoKrState(objects), objects.scheduler, accelerator, config_hash=config.hash
+    )
     resumed = resume_state(
-        ctx,
-        total,
-        lambda folder: load_training_state(
-            folder, objects, config_hash=config.hash, world_size=accelerator.num_processes
-        ),
+        checkpoint, workdir.checkpoints, job.resume_from_checkpoint, run_uri=ctx.run_uri, total=total
     )
-    checkpointer = Checkpointer(
-        workdir.checkpoints,
-        lambda folder, at: save_training_state(
-            folder, objects, at, config_hash=config.hash, world_size=accelerator.num_processes
-        ),
-        accelerator,
-        total_limit=job.checkpoints_total_limit,
-    )
+    checkpointer = Checkpointer(workdir.checkpoints, checkpoint, total_limit=job.checkpoints_total_limit)
     if resumed is not None:
         checkpointer.last_saved_step = resumed.step
     trainer = LoKrTrainer(
@@ -165,3 +227,33 @@ def build_lokr_trainer(
         checkpointer=checkpointer,
     )
     return TrainingRun(trainer=trainer, state=resumed or TrainState(), offload=offload)
+
+
+def _check_adapter(
+    network: LycorisNetwork, tensors: dict[str, torch.Tensor], folder: Path, *, same_recipe: bool
+) -> None:
+    expected = network.state_dict()
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))[:3]
+        unexpected = sorted(set(tensors) - set(expected))[:3]
+        raise ConfigError(
+            f"checkpoint {folder} holds a different LoKr layout (missing {missing}, unexpected {unexpected}); "
+            "lycoris_config changed since it was written: restore it, or set resume_from_checkpoint none"
+        )
+    try:
+        _check_shapes(expected, tensors, ADAPTER_FILE)
+    except ValueError as exc:
+        if same_recipe:
+            raise  # written under this very config: the file is damaged
+        raise ConfigError(
+            f"checkpoint {folder} holds a different LoKr layout ({exc}); lycoris_config changed since it was "
+            "written: restore it, or set resume_from_checkpoint none"
+        ) from exc
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
+    for name, tensor in expected.items():
+        if name not in got:
+            raise ValueError(f"{what} lacks {name}")
+        if got[name].shape != tensor.shape:
+            raise ValueError(f"{what}: {name} is {tuple(got[name].shape)}, expected {tuple(tensor.shape)}")

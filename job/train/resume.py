@@ -1,5 +1,5 @@
 """Where training continues from: the checkpoint ``resume_from_checkpoint`` names, loaded by the trainer's
-own ``load``; with ``latest``, checkpoints that fail to load are set aside (here and at the run URI) and the
+``TrainingCheckpoint``; with ``latest``, checkpoints that fail to load are set aside (here and at the run URI) and the
 one before is tried. Both trainers (``job.train.lokr``, ``job.train.full``) resume through here.
 """
 
@@ -10,28 +10,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job import distributed
-from job.context import JobContext
 from job.distributed import any_rank, require_same
 from job.errors import ConfigError, JobError, TransientError
 from job.train.checkpoint import checkpoint_step, latest_complete, resolve_resume, set_aside
 from job.train.remote import download_newer_checkpoint, set_aside_remote
-from job.train.state import TrainState
+from job.train.state import TrainingCheckpoint, TrainState
 
 log = logging.getLogger("lokr")
 
 
 def resume_state(
-    ctx: JobContext, total: int, load: Callable[[Path], TrainState], *, load_is_atomic: bool = True
+    checkpoint: TrainingCheckpoint, root: Path, setting: str | None, *, run_uri: str | None, total: int
 ) -> TrainState | None:
-    """Restore the checkpoint ``resume_from_checkpoint`` names with ``load``; its position, or None when
-    training starts fresh. Every process resumes from the same checkpoint.
+    """Restore the checkpoint under ``root`` that ``setting`` (``resume_from_checkpoint``) names; its
+    position, or None when training starts fresh. Every process resumes from the same checkpoint.
 
     With ``latest``, a complete checkpoint whose contents fail to load (``load`` raises anything but a
-    ``JobError``, which means this config cannot continue it) is set aside, here and at the run URI, and the
-    one before is tried. ``load_is_atomic``: a failed ``load`` leaves the objects as they were; when it may
-    not (DeepSpeed's ``load_state``) and nothing loads, the process exits 75 to start fresh on clean ones.
+    ``JobError``, which means this config cannot continue it) is set aside, here and at ``run_uri``, and
+    the one before is tried. When a failed load may have changed the objects (``load_is_atomic`` false:
+    DeepSpeed's ``load_state``) and nothing loads, the process exits 75 to start fresh on clean ones.
     """
-    root, setting = ctx.workdir.checkpoints, ctx.config.job.resume_from_checkpoint
+    load = checkpoint.load
     if setting != "latest":
         resume = resolve_resume(root, setting)
         require_same(resume.name if resume is not None else None, "the checkpoint to resume from")
@@ -50,8 +49,8 @@ def resume_state(
         if state is not None:
             return _resumed(resume, state, total)
         failed.append(resume.name)
-        _set_aside(ctx, resume, problem)
-    if failed and not load_is_atomic:
+        _set_aside(resume, problem, run_uri)
+    if failed and not checkpoint.model.load_is_atomic:
         raise TransientError(
             f"no checkpoint loads ({', '.join(failed)} set aside) and the failed loads may have changed the "
             "model: run again to start from step 0"
@@ -85,7 +84,7 @@ def _try_load(folder: Path, load: Callable[[Path], TrainState]) -> tuple[str, Tr
     return "", state
 
 
-def _set_aside(ctx: JobContext, folder: Path, problem: str) -> None:
+def _set_aside(folder: Path, problem: str, run_uri: str | None) -> None:
     """Move ``folder`` aside on this machine and, when it came from the run URI, there too; then fetch the
     run URI's next newest checkpoint if it is newer than what is left here."""
     moved: Path | None = None
@@ -95,16 +94,16 @@ def _set_aside(ctx: JobContext, folder: Path, problem: str) -> None:
         moved = set_aside(folder, problem)
 
     distributed.once_per_machine(locally)
-    if not ctx.run_uri:
+    if not run_uri:
         return
-    run_uri, step = ctx.run_uri, checkpoint_step(folder)
+    step = checkpoint_step(folder)
 
     def remotely() -> None:
         if moved is not None and step is not None:  # None: another machine sharing the folder moved it
             set_aside_remote(run_uri, moved, step)
 
     distributed.once(remotely)
-    distributed.once_per_machine(lambda: download_newer_checkpoint(run_uri, ctx.workdir.checkpoints))
+    distributed.once_per_machine(lambda: download_newer_checkpoint(run_uri, folder.parent))
 
 
 def _resumed(folder: Path, state: TrainState, total: int) -> TrainState:

@@ -1,15 +1,20 @@
 """What a checkpoint holds, and putting it back: everything needed to continue bit for bit.
 
-Layout of ``checkpoint-<step:08d>/``:
+One writer for both trainers (``TrainingCheckpoint``). Layout of ``checkpoint-<step:08d>/``:
 
-- ``lokr.safetensors``: the adapter in LyCORIS's key format (loadable as is, like the final output)
-- ``ema.safetensors``: the EMA weights (``use_ema`` only)
-- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s (``torch.load(weights_only=True)`` reads them)
-- ``rng.pt``: the Python, NumPy, torch CPU and CUDA generator states (of the main process: a step's
-  own randomness comes from ``job.flow_matching.step_generator``, so these only matter to code outside
-  the step)
+- the trainer's own part (a ``ModelState``): for a LoKr (``job.train.lokr``) ``lokr.safetensors`` (the
+  adapter in LyCORIS's key format, loadable as is), ``ema.safetensors`` (``use_ema``) and ``optimizer.pt``;
+  for full-rank (``job.train.full``) what ``accelerate.save_state`` writes: every rank's ZeRO shards under
+  ``pytorch_model/`` and accelerate's own ``random_states_<rank>.pkl``
+- ``scheduler.pt``: the learning-rate schedule's ``state_dict()``
+- ``rng.pt``: every process's Python, NumPy, torch CPU and CUDA generator states, by rank (a step's own
+  randomness comes from ``job.flow_matching.step_generator``; these matter to code outside it, e.g. a
+  LyCORIS dropout, which draws from each rank's global generator)
 - ``trainer_state.json``: step, data position, config hash, world size, library versions
 - ``COMPLETE``: written last (see ``checkpoint.py``)
+
+Everything lokr-job reads back is safetensors, JSON or ``torch.load(weights_only=True)``; and before any
+file is read, ``job.train.pickles`` refuses a checkpoint whose pickles (DeepSpeed's too) could run code.
 """
 
 from __future__ import annotations
@@ -21,26 +26,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from job.config.schema import LycorisConfig
-from job.errors import ConfigError
-from job.model.lokr import save_adapter
+from job.train.pickles import refuse_pickled_code
 
 if TYPE_CHECKING:
-    from lycoris import LycorisNetwork
-
-    from job.train.ema import AdapterEMA
+    from accelerate import Accelerator
 
 log = logging.getLogger("lokr")
 
 STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "lokr.safetensors"
-EMA_FILE = "ema.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 
@@ -73,17 +71,6 @@ class TrainState:
             self.batch_index = 0
 
 
-@dataclass
-class TrainingObjects:
-    """The stateful parts of training that a checkpoint captures."""
-
-    network: LycorisNetwork
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: AdapterEMA | None
-    lycoris: LycorisConfig
-
-
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in TRACKED_LIBRARIES:
@@ -94,19 +81,99 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_training_state(
-    folder: Path, objects: TrainingObjects, state: TrainState, *, config_hash: str, world_size: int
-) -> None:
-    """Write the checkpoint's contents into ``folder`` (the main process does; the others hold the same)."""
-    from safetensors.torch import save_file
+def gather_rng_states(accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Every process's generator states, by rank, on every process (all of them must call this)."""
+    own = _rng_state()
+    if accelerator.num_processes == 1:
+        return [own]
+    from accelerate.utils import gather_object
 
-    torch.save(_rng_state(), folder / RNG_FILE)
-    save_adapter(objects.network, folder / ADAPTER_FILE, objects.lycoris)
-    if objects.ema is not None:
-        save_file(objects.ema.state_dict(), str(folder / EMA_FILE))
-    torch.save(objects.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    torch.save(objects.scheduler.state_dict(), folder / SCHEDULER_FILE)
-    write_state_record(folder, state, config_hash=config_hash, world_size=world_size)
+    return gather_object([own])
+
+
+class ModelState(Protocol):
+    """A trainer's own part of a checkpoint."""
+
+    # Every process writes its own files into one shared folder (ZeRO shards); else the main process alone.
+    collective: bool
+    # A failed ``read`` or apply leaves the model as it was (DeepSpeed's load_state may not).
+    load_is_atomic: bool
+
+    def save(self, folder: Path) -> None: ...
+
+    def read(self, folder: Path, record: dict[str, Any], *, same_recipe: bool) -> Callable[[], None]:
+        """Read and check the files (raising leaves everything as it was); return what applies them.
+        ``record`` is the checkpoint's ``trainer_state.json``; ``same_recipe``: written under this config."""
+        ...
+
+
+class TrainingCheckpoint:
+    """Writes and loads a checkpoint for either trainer: its ``ModelState``, then the schedule, every
+    rank's random state and the position, the same way for both."""
+
+    def __init__(
+        self,
+        model: ModelState,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        accelerator: Accelerator,
+        *,
+        config_hash: str,
+    ):
+        self.model = model
+        self.scheduler = scheduler
+        self.accelerator = accelerator
+        self.config_hash = config_hash
+
+    def save(self, folder: Path, state: TrainState, rng_states: list[dict[str, Any]]) -> None:
+        """Called by every process when ``model.collective``, else by the main process alone."""
+        self.model.save(folder)
+        if not self.accelerator.is_main_process:
+            return
+        torch.save({"ranks": rng_states}, folder / RNG_FILE)
+        torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+        write_state_record(
+            folder, state, config_hash=self.config_hash, world_size=self.accelerator.num_processes
+        )
+
+    def load(self, folder: Path) -> TrainState:
+        """Restore every object from ``folder`` and return the position to continue from (every process).
+
+        Every file is read and checked before any object changes (when ``model.load_is_atomic``): a
+        checkpoint that fails to load (``ConfigError`` for one this config cannot continue, ``DataError``
+        for one whose pickles could run code, anything else for damaged contents) leaves them as they were.
+        """
+        refuse_pickled_code(folder)
+        state, record = read_state_record(
+            folder, config_hash=self.config_hash, world_size=self.accelerator.num_processes
+        )
+        apply_model = self.model.read(
+            folder, record, same_recipe=record.get("config_hash") == self.config_hash
+        )
+        scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
+        if set(scheduler) != set(self.scheduler.state_dict()):
+            # load_state_dict would take any dict silently.
+            raise ValueError(f"{SCHEDULER_FILE} holds {sorted(scheduler)}, not this schedule's fields")
+        own_rng = self._own_rng_state(folder)
+        restore_rng = _rng_restorer(own_rng) if own_rng is not None else None
+        apply_model()
+        self.scheduler.load_state_dict(scheduler)
+        if restore_rng is not None:
+            restore_rng()
+        return state
+
+    def _own_rng_state(self, folder: Path) -> dict[str, Any] | None:
+        if not (folder / RNG_FILE).is_file():
+            # A full-rank checkpoint of an earlier lokr-job: accelerate's load_state restored the states.
+            log.info(
+                "checkpoint %s has no %s: random states as accelerate restored them", folder.name, RNG_FILE
+            )
+            return None
+        saved = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
+        # A LoKr checkpoint of an earlier lokr-job holds the main process's states alone.
+        ranks = saved.get("ranks", [saved])
+        rank = self.accelerator.process_index
+        # Another number of processes (warned about): each takes a saved rank's state, as many as there are.
+        return ranks[rank % len(ranks)]
 
 
 def write_state_record(folder: Path, state: TrainState, *, config_hash: str, world_size: int) -> None:
@@ -130,75 +197,6 @@ def read_state_record(
         raise ValueError(f"{STATE_FILE} does not hold a position: {position}")
     _warn_on_differences(folder, record, config_hash, world_size)
     return TrainState(step=record["step"], epoch=record["epoch"], batch_index=record["batch_index"]), record
-
-
-def load_training_state(
-    folder: Path, objects: TrainingObjects, *, config_hash: str, world_size: int
-) -> TrainState:
-    """Restore every object from ``folder`` and return the position to continue from.
-
-    Every file is read and checked against the objects before any object changes: a checkpoint that fails
-    to load (``ConfigError`` for one this config cannot continue, anything else for damaged contents) leaves
-    them as they were, for the caller to try an older one or start fresh.
-    """
-    from safetensors.torch import load_file
-
-    state, record = read_state_record(folder, config_hash=config_hash, world_size=world_size)
-    adapter = load_file(str(folder / ADAPTER_FILE))
-    _check_adapter(objects.network, adapter, folder, same_recipe=record.get("config_hash") == config_hash)
-    ema = None
-    if objects.ema is not None:
-        if not (folder / EMA_FILE).is_file():
-            raise ConfigError(
-                f"use_ema is on but checkpoint {folder} has no EMA state (it was trained without EMA); "
-                "set use_ema false to continue it, or resume_from_checkpoint none to start over"
-            )
-        ema = load_file(str(folder / EMA_FILE))
-        _check_shapes(objects.ema.state_dict(), ema, EMA_FILE)
-    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    scheduler = torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True)
-    if set(scheduler) != set(objects.scheduler.state_dict()):
-        # load_state_dict would take any dict silently.
-        raise ValueError(f"{SCHEDULER_FILE} holds {sorted(scheduler)}, not this schedule's fields")
-    restore_rng = _rng_restorer(torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True))
-    # The optimizer checks its groups before it changes anything: first, so its refusal changes nothing.
-    objects.optimizer.load_state_dict(optimizer)
-    objects.network.load_state_dict(adapter, strict=True)
-    if objects.ema is not None and ema is not None:
-        objects.ema.load_state_dict(ema)
-    objects.scheduler.load_state_dict(scheduler)
-    restore_rng()
-    return state
-
-
-def _check_adapter(
-    network: LycorisNetwork, tensors: dict[str, torch.Tensor], folder: Path, *, same_recipe: bool
-) -> None:
-    expected = network.state_dict()
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))[:3]
-        unexpected = sorted(set(tensors) - set(expected))[:3]
-        raise ConfigError(
-            f"checkpoint {folder} holds a different LoKr layout (missing {missing}, unexpected {unexpected}); "
-            "lycoris_config changed since it was written: restore it, or set resume_from_checkpoint none"
-        )
-    try:
-        _check_shapes(expected, tensors, ADAPTER_FILE)
-    except ValueError as exc:
-        if same_recipe:
-            raise  # written under this very config: the file is damaged
-        raise ConfigError(
-            f"checkpoint {folder} holds a different LoKr layout ({exc}); lycoris_config changed since it was "
-            "written: restore it, or set resume_from_checkpoint none"
-        ) from exc
-
-
-def _check_shapes(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
-    for name, tensor in expected.items():
-        if name not in got:
-            raise ValueError(f"{what} lacks {name}")
-        if got[name].shape != tensor.shape:
-            raise ValueError(f"{what}: {name} is {tuple(got[name].shape)}, expected {tuple(tensor.shape)}")
 
 
 def _warn_on_differences(folder: Path, record: dict[str, Any], config_hash: str, world_size: int) -> None:
