@@ -90,7 +90,7 @@ def train(ctx: JobContext) -> None:
     require_model_sizes(ctx)
 
     # Resumes from the run URI's newest checkpoint when it is newer, uploads each new one in the background.
-    with durable_checkpoints(ctx) as hooks:
+    with durable_checkpoints(ctx.config.job, ctx.workdir.checkpoints, ctx.run_uri) as hooks:
         train_adapter(ctx, should_stop=should_stop, checkpoint_hooks=hooks)
 
 

@@ -179,7 +179,8 @@ def _write_batches(config: Path, workdir: Path, steps: int, path: Path) -> None:
     from job.cache.dataset import TrainingData
     from job.context import open_context
 
-    data = TrainingData.open(open_context(str(config), workdir, None, [f"max_train_steps={steps}"]))
+    ctx = open_context(str(config), workdir, None, [f"max_train_steps={steps}"])
+    data = TrainingData.open(ctx.config, ctx.workdir)
     tensors = {}
     for step in range(steps):
         batch = data.batch(*divmod(step, data.batches_per_epoch))

@@ -52,7 +52,8 @@ def warmed(tmp_path: Path, tiny_model: Path) -> Path:
 
 
 def _open(config: Path, overrides: list[str] | None = None, **kwargs: int) -> TrainingData:
-    return TrainingData.open(open_job(config, config.parents[1] / "work", overrides), **kwargs)
+    ctx = open_job(config, config.parents[1] / "work", overrides)
+    return TrainingData.open(ctx.config, ctx.workdir, **kwargs)
 
 
 def test_training_never_loads_the_vae_or_text_encoder(warmed: Path, tiny_model: Path, monkeypatch) -> None:
@@ -154,7 +155,7 @@ def test_a_config_change_that_changes_keys_needs_a_warm(warmed: Path) -> None:
 
 def test_an_incomplete_cache_needs_a_warm(warmed: Path) -> None:
     ctx = open_job(warmed, warmed.parents[1] / "work")
-    index_path = layout.latent_dir(ctx, ctx.config.datasets[0]) / INDEX_NAME
+    index_path = layout.latent_dir(ctx.workdir, ctx.config.datasets[0]) / INDEX_NAME
     index = json.loads(index_path.read_text())
     index["entries"].pop(next(iter(index["entries"])))
     index_path.write_text(json.dumps(index))
@@ -164,7 +165,7 @@ def test_an_incomplete_cache_needs_a_warm(warmed: Path) -> None:
 
 def test_a_deleted_cache_file_is_a_data_error_not_a_crash(warmed: Path) -> None:
     ctx = open_job(warmed, warmed.parents[1] / "work")
-    for path in layout.latent_dir(ctx, ctx.config.datasets[0]).rglob("*.safetensors"):
+    for path in layout.latent_dir(ctx.workdir, ctx.config.datasets[0]).rglob("*.safetensors"):
         path.unlink()
     data = _open(warmed)
     with pytest.raises(DataError, match="missing or unreadable"):

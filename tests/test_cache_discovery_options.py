@@ -56,7 +56,7 @@ def test_skip_file_discovery_vae_and_text_leave_the_encoders_unused(tmp_path: Pa
     assert report.datasets[0].latents_new == 0 and not report.vae_loaded
     assert report.text_new == 2  # only the empty caption and the negative prompt
     with pytest.raises(DataError) as raised:
-        TrainingData.open(ctx)
+        TrainingData.open(ctx.config, ctx.workdir)
     assert "4 latents and 4 text embeddings are not cached" in raised.value.message
     assert "run lokr-job warm without skip_file_discovery text, vae" in raised.value.message
 
@@ -102,7 +102,8 @@ def test_text_encoder_batch_size_gives_the_same_embeddings(tmp_path: Path, tiny_
     assert four.config.text_embeds.text_encoder_batch_size == 4
     assert warm_caches(four).text_new == 6
 
-    first, second = layout.text_dir(one), layout.text_dir(four)
+    first = layout.text_dir(one.workdir, one.config.text_embeds)
+    second = layout.text_dir(four.workdir, four.config.text_embeds)
     entries = sorted(p.relative_to(first) for p in first.rglob("*.safetensors"))
     assert len(entries) == 6
     for entry in entries:

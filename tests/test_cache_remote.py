@@ -11,7 +11,7 @@ from job.context import open_context
 def test_shards_let_a_fresh_machine_skip_the_encoders(tiny_job, tmp_path):
     run_uri = str(tmp_path / "run")
     first = open_context(str(tiny_job), tmp_path / "first", run_uri, ["cache_uri=run"])
-    assert cache_uri(first) == str(tmp_path / "run" / "cache")
+    assert cache_uri(first.config.job.cache_uri, first.run_uri) == str(tmp_path / "run" / "cache")
     assert download_caches(first) == 0  # nothing there yet
     report = warm_caches(first)
     assert report.vae_loaded and report.text_encoder_loaded
@@ -30,5 +30,5 @@ def test_shards_let_a_fresh_machine_skip_the_encoders(tiny_job, tmp_path):
 
 def test_no_cache_uri_means_no_remote_caches(tiny_job, tmp_path):
     ctx = open_context(str(tiny_job), tmp_path / "work", str(tmp_path / "run"), [])
-    assert cache_uri(ctx) is None
+    assert cache_uri(ctx.config.job.cache_uri, ctx.run_uri) is None
     assert download_caches(ctx) == 0

@@ -151,15 +151,17 @@ def test_changing_the_vae_reencodes_latents_only(small_job: Path, tmp_path: Path
 def test_a_killed_warm_keeps_what_it_wrote(small_job: Path, tmp_path: Path, monkeypatch) -> None:
     ctx = open_job(small_job, tmp_path / "work")
     warm_caches(ctx)
-    (layout.latent_dir(ctx, ctx.config.datasets[0]) / INDEX_NAME).unlink()
-    (layout.text_dir(ctx) / INDEX_NAME).unlink()
+    (layout.latent_dir(ctx.workdir, ctx.config.datasets[0]) / INDEX_NAME).unlink()
+    (layout.text_dir(ctx.workdir, ctx.config.text_embeds) / INDEX_NAME).unlink()
     _forbid_model_loading(monkeypatch)
     again = warm_caches(ctx)
     assert again.encoded == 0 and again.datasets[0].latents_cached == 6
     # What it adopted is indexed again: the next warm reads one index, not one stat per entry.
-    latent_index = json.loads((layout.latent_dir(ctx, ctx.config.datasets[0]) / INDEX_NAME).read_text())
+    latent_index = json.loads(
+        (layout.latent_dir(ctx.workdir, ctx.config.datasets[0]) / INDEX_NAME).read_text()
+    )
     assert len(latent_index["entries"]) == 6
-    assert (layout.text_dir(ctx) / INDEX_NAME).exists()
+    assert (layout.text_dir(ctx.workdir, ctx.config.text_embeds) / INDEX_NAME).exists()
 
 
 def test_caches_match_what_the_auraflow_pipeline_computes(
@@ -179,7 +181,7 @@ def test_caches_match_what_the_auraflow_pipeline_computes(
 
     caption = "caption number 1"
     sample = next(s for s in manifest.samples if s.relpath == "img001.png")
-    cached = load_file(entry_path(layout.text_dir(ctx), sample.text_keys[0]))
+    cached = load_file(entry_path(layout.text_dir(ctx.workdir, ctx.config.text_embeds), sample.text_keys[0]))
     embeds, _, _, _ = pipe.encode_prompt(
         caption, do_classifier_free_guidance=False, max_sequence_length=16, device=torch.device("cpu")
     )
@@ -191,7 +193,7 @@ def test_caches_match_what_the_auraflow_pipeline_computes(
     assert torch.equal(cached["prompt_mask"], expected_mask[0])
     assert cached["prompt_mask"].sum() < 16 and cached["prompt_embeds"][-1].abs().sum() == 0  # padding zeroed
 
-    latent = load_file(entry_path(layout.latent_dir(ctx, ctx.config.datasets[0]), sample.latent_key))[
+    latent = load_file(entry_path(layout.latent_dir(ctx.workdir, ctx.config.datasets[0]), sample.latent_key))[
         "latents"
     ]
     image = decode_rgb((tmp_path / "images" / "img001.png").read_bytes())

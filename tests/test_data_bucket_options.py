@@ -103,7 +103,7 @@ def test_disable_bucket_pruning_keeps_the_bucket_in_check_and_in_training(
     assert kept.batches_per_epoch == 3 and kept.steps == 10
 
     warm_caches(ctx)
-    data = TrainingData.open(ctx)
+    data = TrainingData.open(ctx.config, ctx.workdir)
     assert data.batches_per_epoch == 3
     batches = [sorted(data.batch(0, index).keys) for index in range(3)]
     assert ["photos/wide.png", "photos/wide.png"] in batches

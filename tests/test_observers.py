@@ -104,7 +104,7 @@ def test_cached_prompt_embeddings_render_what_the_text_encoder_would(
 
     workdir, _, _ = observed_run
     ctx = open_context(str(tiny_job), workdir, None, ["max_train_steps=4"])
-    data = TrainingData.open(ctx)
+    data = TrainingData.open(ctx.config, ctx.workdir)
     model = ctx.config.job.model_source
     transformer = AuraFlowTransformer2DModel.from_pretrained(model, subfolder="transformer")
     prompts = validation_prompts(ctx.config)

@@ -37,7 +37,8 @@ def _observer(tiny_job: Path, tmp_path: Path, *overrides: str) -> tuple[Training
     ctx = open_context(str(tiny_job), tmp_path, None, list(overrides))
     recorder = _Recorder()
     observer = TrainingObserver(
-        ctx,
+        ctx.config,
+        ctx.workdir,
         transformer=None,  # type: ignore[arg-type]
         data=None,  # type: ignore[arg-type]
         device="cpu",  # type: ignore[arg-type]
@@ -86,7 +87,9 @@ def test_stops_and_crashes_are_told_to_the_webhook(tiny_job: Path, tmp_path: Pat
 
 
 def test_the_wandb_run_id_is_stable_per_recipe_and_place(tiny_job: Path, tmp_path: Path) -> None:
-    first = open_context(str(tiny_job), tmp_path / "a", None, [])
-    assert run_id(first) == run_id(open_context(str(tiny_job), tmp_path / "a", None, []))
-    assert run_id(first) != run_id(open_context(str(tiny_job), tmp_path / "b", None, []))
-    assert run_id(first) != run_id(open_context(str(tiny_job), tmp_path / "a", None, ["seed=7"]))
+    recipe = open_context(str(tiny_job), tmp_path / "a", None, []).config
+    again = open_context(str(tiny_job), tmp_path / "a", None, []).config
+    other = open_context(str(tiny_job), tmp_path / "a", None, ["seed=7"]).config
+    assert run_id(recipe, "s3://b/run") == run_id(again, "s3://b/run")
+    assert run_id(recipe, "s3://b/run") != run_id(recipe, "s3://b/other")
+    assert run_id(recipe, "s3://b/run") != run_id(other, "s3://b/run")

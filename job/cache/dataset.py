@@ -22,13 +22,14 @@ from job.cache.entries import load_entry
 from job.cache.keys import text_key
 from job.cache.manifest import Manifest, plan_fingerprint, read_manifest
 from job.cache.store import CacheIndex, entry_path
+from job.config.loader import ResolvedConfig
 from job.config.schema import DatasetConfig
-from job.context import JobContext
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
 from job.data.discovery import skipped_stages
 from job.data.sampler import EpochSampler, SamplerDataset
 from job.data.seeds import derive_seed
 from job.errors import DataError
+from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
 
@@ -85,19 +86,21 @@ class TrainingData:
         self._load_text = lru_cache(maxsize=_TEXT_ENTRIES_KEPT)(self._read_text)
 
     @classmethod
-    def open(cls, ctx: JobContext, *, world_size: int = 1, rank: int = 0) -> TrainingData:
+    def open(
+        cls, config: ResolvedConfig, workdir: WorkDir, *, world_size: int = 1, rank: int = 0
+    ) -> TrainingData:
         """The warmed caches of every dataset; ``DataError`` (run lokr-job warm) when any entry is missing."""
-        job = ctx.config.job
+        job = config.job
         step = StepShape.of(job, world_size)
-        text_dir = layout.text_dir(ctx)
+        text_dir = layout.text_dir(workdir, config.text_embeds)
         text_index = CacheIndex.load(text_dir)
         latent_indexes: dict[Path, CacheIndex] = {}
         entries: list[_Entry] = []
         sampler_datasets: list[SamplerDataset] = []
         manifests: list[Manifest] = []
         problems: list[str] = []
-        for dataset in ctx.config.datasets:
-            manifest = _current_manifest(ctx, dataset, problems)
+        for dataset in config.datasets:
+            manifest = _current_manifest(config, workdir, dataset, problems)
             if manifest is None:
                 continue
             manifests.append(manifest)
@@ -113,7 +116,7 @@ class TrainingData:
             except DataError as exc:
                 problems.append(exc.message)
                 continue
-            latent_dir = layout.latent_dir(ctx, dataset)
+            latent_dir = layout.latent_dir(workdir, dataset)
             latent_index = latent_indexes.setdefault(latent_dir, CacheIndex.load(latent_dir))
             first = len(entries)
             bucket_ids: dict[tuple[int, int], np.ndarray] = {}
@@ -215,15 +218,15 @@ class TrainingData:
         return tensors["prompt_embeds"], tensors["prompt_mask"]
 
 
-def _current_manifest(ctx: JobContext, dataset: DatasetConfig, problems: list[str]) -> Manifest | None:
+def _current_manifest(
+    config: ResolvedConfig, workdir: WorkDir, dataset: DatasetConfig, problems: list[str]
+) -> Manifest | None:
     """The dataset's plan if warm wrote one for the current settings; else a problem is recorded."""
-    manifest = read_manifest(layout.manifest_path(ctx.workdir, dataset.id))
+    manifest = read_manifest(layout.manifest_path(workdir, dataset.id))
     if manifest is None:
-        problems.append(
-            f"dataset {dataset.id!r} has no cache plan in {ctx.workdir.buckets}; run lokr-job warm"
-        )
+        problems.append(f"dataset {dataset.id!r} has no cache plan in {workdir.buckets}; run lokr-job warm")
         return None
-    if manifest.fingerprint != plan_fingerprint(ctx.config, dataset):
+    if manifest.fingerprint != plan_fingerprint(config, dataset):
         problems.append(
             f"dataset {dataset.id!r}: its caches were built for other settings (resolution, crop, captions, "
             "model, max_token_length or seed changed since); run lokr-job warm"

@@ -7,8 +7,7 @@ the work directory, never against the user's dataset folder, which is never writ
 import re
 from pathlib import Path
 
-from job.config.schema import DatasetConfig
-from job.context import JobContext
+from job.config.schema import DatasetConfig, TextEmbedsConfig
 from job.workdir import WorkDir
 
 
@@ -17,12 +16,12 @@ def safe_name(dataset_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", dataset_id) or "_"
 
 
-def latent_dir(ctx: JobContext, dataset: DatasetConfig) -> Path:
-    return ctx.workdir.resolve(dataset.cache_dir_vae, ctx.workdir.latents(safe_name(dataset.id)))
+def latent_dir(workdir: WorkDir, dataset: DatasetConfig) -> Path:
+    return workdir.resolve(dataset.cache_dir_vae, workdir.latents(safe_name(dataset.id)))
 
 
-def text_dir(ctx: JobContext) -> Path:
-    return ctx.workdir.resolve(ctx.config.text_embeds.cache_dir, ctx.workdir.text_cache)
+def text_dir(workdir: WorkDir, text_embeds: TextEmbedsConfig) -> Path:
+    return workdir.resolve(text_embeds.cache_dir, workdir.text_cache)
 
 
 def manifest_path(workdir: WorkDir, dataset_id: str) -> Path:

@@ -11,14 +11,15 @@ from pathlib import Path
 from job.cache import layout
 from job.cache.keys import latent_key
 from job.cache.report import DatasetWarmReport, skip_summary
-from job.config.schema import DatasetConfig
-from job.context import JobContext
+from job.config.loader import ResolvedConfig
+from job.config.schema import DatasetConfig, JobConfig
 from job.data.buckets import BucketPlan, StepShape, dropped_lines, plan_buckets, require_usable
 from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry, resolution_problem
 from job.data.location import local_data_dir
 from job.data.scan import Sample, scan_dataset
 from job.errors import ConfigError, DataError
+from job.workdir import WorkDir
 
 
 @dataclass
@@ -52,13 +53,13 @@ def check_config(datasets: list[DatasetConfig], geometry: ModelGeometry) -> None
 
 
 def plan_datasets(
-    ctx: JobContext, geometry: ModelGeometry, step: StepShape, vae_id: str
+    config: ResolvedConfig, workdir: WorkDir, geometry: ModelGeometry, step: StepShape, vae_id: str
 ) -> list[DatasetPlan]:
     """Plan every dataset; raise one ``DataError`` naming every unusable one (reports written first)."""
     plans, errors = [], []
-    for dataset in ctx.config.datasets:
+    for dataset in config.datasets:
         try:
-            plans.append(_plan_dataset(ctx, dataset, geometry, step, vae_id))
+            plans.append(_plan_dataset(config.job, workdir, dataset, geometry, step, vae_id))
         except DataError as exc:
             errors.append(exc.message)
     if errors:
@@ -67,10 +68,14 @@ def plan_datasets(
 
 
 def _plan_dataset(
-    ctx: JobContext, dataset: DatasetConfig, geometry: ModelGeometry, step: StepShape, vae_id: str
+    job: JobConfig,
+    workdir: WorkDir,
+    dataset: DatasetConfig,
+    geometry: ModelGeometry,
+    step: StepShape,
+    vae_id: str,
 ) -> DatasetPlan:
-    job = ctx.config.job
-    root = local_data_dir(dataset, ctx.workdir)
+    root = local_data_dir(dataset, workdir)
     if not root.is_dir():
         raise ConfigError(f"dataset {dataset.id!r}: its images are not in {root}; run lokr-job fetch")
     scan = scan_dataset(
@@ -79,11 +84,11 @@ def _plan_dataset(
         geometry,
         seed=job.seed,
         aspect_rounding=job.aspect_bucket_rounding,
-        probe_path=layout.probe_path(ctx.workdir, dataset.id),
+        probe_path=layout.probe_path(workdir, dataset.id),
         trust_last_scan=trusts_last_scan(job, dataset),
     )
     report = DatasetWarmReport(dataset.id, str(root), scan.images_found, scan.probed, skipped=scan.skipped)
-    report_path = layout.report_path(ctx.workdir, dataset.id)
+    report_path = layout.report_path(workdir, dataset.id)
     if not scan.samples:
         report.write(report_path)
         if not scan.images_found:
@@ -95,7 +100,7 @@ def _plan_dataset(
         )
     keys = [latent_key(s.sha256, s.transform, vae_id) for s in scan.samples]
     plan = DatasetPlan(
-        dataset, root, scan.samples, keys, BucketPlan({}, {}), layout.latent_dir(ctx, dataset), report
+        dataset, root, scan.samples, keys, BucketPlan({}, {}), layout.latent_dir(workdir, dataset), report
     )
     try:
         _bucket(plan, step)

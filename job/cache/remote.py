@@ -30,11 +30,13 @@ from pathlib import Path
 from job.cache import layout
 from job.cache.report import WarmReport
 from job.cache.store import INDEX_NAME
+from job.config.loader import ResolvedConfig
 from job.context import JobContext
 from job.files import sha256_file
 from job.lease import fence
 from job.redact import redact
 from job.storage import join, storage_for
+from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
 
@@ -48,28 +50,28 @@ class CacheFolder:
     path: Path  # the local cache folder it packs
 
 
-def cache_uri(ctx: JobContext) -> str | None:
-    """The remote cache location, or None when remote caches are off (see the module docstring)."""
-    setting = ctx.config.job.cache_uri
+def cache_uri(setting: str | None, run_uri: str | None) -> str | None:
+    """The remote cache location for ``cache_uri`` ``setting``, or None when remote caches are off (see
+    the module docstring)."""
     if not setting:
         return None
     if setting == RUN_KEYWORD:
-        return join(ctx.run_uri, "cache") if ctx.run_uri else None
+        return join(run_uri, "cache") if run_uri else None
     return setting
 
 
-def cache_folders(ctx: JobContext) -> list[CacheFolder]:
+def cache_folders(config: ResolvedConfig, workdir: WorkDir) -> list[CacheFolder]:
     """Each local cache folder once (datasets may share one), with its shard's name."""
     folders: dict[Path, str] = {}
-    for dataset in ctx.config.datasets:
-        folders.setdefault(layout.latent_dir(ctx, dataset), f"latents-{layout.safe_name(dataset.id)}.tar")
-    folders.setdefault(layout.text_dir(ctx), "text.tar")
+    for dataset in config.datasets:
+        folders.setdefault(layout.latent_dir(workdir, dataset), f"latents-{layout.safe_name(dataset.id)}.tar")
+    folders.setdefault(layout.text_dir(workdir, config.text_embeds), "text.tar")
     return [CacheFolder(shard=name, path=path) for path, name in folders.items()]
 
 
 def download_caches(ctx: JobContext) -> int:
     """Unpack the remote shards whose local folder has no cache index; return how many were unpacked."""
-    uri = cache_uri(ctx)
+    uri = cache_uri(ctx.config.job.cache_uri, ctx.run_uri)
     if uri is None:
         return 0
     storage = storage_for(uri)
@@ -79,7 +81,7 @@ def download_caches(ctx: JobContext) -> int:
         return 0
     shards = json.loads(storage.read_bytes(index_uri))["shards"]
     started, unpacked = time.perf_counter(), 0
-    for folder in cache_folders(ctx):
+    for folder in cache_folders(ctx.config, ctx.workdir):
         entry = shards.get(folder.shard)
         if entry is None or (folder.path / INDEX_NAME).exists():
             continue
@@ -104,7 +106,7 @@ def download_caches(ctx: JobContext) -> int:
 def upload_caches(ctx: JobContext, report: WarmReport) -> int:
     """Pack and upload the cache folders when warm encoded something or the remote has no shards yet;
     return how many shards were uploaded."""
-    uri = cache_uri(ctx)
+    uri = cache_uri(ctx.config.job.cache_uri, ctx.run_uri)
     if uri is None:
         return 0
     storage = storage_for(uri)
@@ -115,7 +117,7 @@ def upload_caches(ctx: JobContext, report: WarmReport) -> int:
     started = time.perf_counter()
     shards: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(dir=ctx.workdir.cache, prefix=".shards-") as temp:
-        for folder in cache_folders(ctx):
+        for folder in cache_folders(ctx.config, ctx.workdir):
             if not (folder.path / INDEX_NAME).exists():
                 continue
             archive = Path(temp) / folder.shard

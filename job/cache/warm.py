@@ -30,6 +30,8 @@ from job.cache.manifest import Manifest, PlannedSample, plan_fingerprint, write_
 from job.cache.plan import DatasetPlan, check_config, drop_failed, plan_datasets
 from job.cache.report import WarmReport
 from job.cache.store import CacheIndex
+from job.config.loader import ResolvedConfig
+from job.config.schema import JobConfig
 from job.context import JobContext
 from job.data.buckets import StepShape
 from job.data.discovery import skipped_stages
@@ -43,6 +45,7 @@ from job.model.components import (
     text_encoder_dtype_name,
 )
 from job.model.source import local_model_path
+from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
 
@@ -55,9 +58,11 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     geometry = job_geometry(job, folder)
     check_config(ctx.config.datasets, geometry)
     step = StepShape.of(job, _world_size_from_env())
-    vae_id, text_id = _identities(ctx, folder, text_dtype=text_encoder_dtype_name(compute_device_type()))
+    vae_id, text_id = _identities(
+        job, ctx.workdir, folder, text_dtype=text_encoder_dtype_name(compute_device_type())
+    )
 
-    plans = plan_datasets(ctx, geometry, step, vae_id)
+    plans = plan_datasets(ctx.config, ctx.workdir, geometry, step, vae_id)
     report = WarmReport([plan.report for plan in plans])
 
     vae = LazyModel(lambda: load_vae(folder, compute_device()))
@@ -85,7 +90,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
 
     preemption.current().raise_if_requested("warm (before the text embeddings)")
     # The empty caption (caption dropout) and validation prompts, so training never needs the encoder.
-    extra = ["", *_validation_prompts(ctx)]
+    extra = ["", *_validation_prompts(ctx.config)]
     # Each distinct caption's key, hashed once: thousands of images often share a few captions.
     text_keys = {
         caption: text_key(caption, text_id)
@@ -101,7 +106,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
         for caption in sample.captions
     }
     wanted_text.update((text_keys[caption], caption) for caption in extra)
-    text_index = CacheIndex.load(layout.text_dir(ctx))
+    text_index = CacheIndex.load(layout.text_dir(ctx.workdir, ctx.config.text_embeds))
     missing_text = text_index.lacking(wanted_text)
     text_index.save()
     report.text_cached = len(wanted_text) - len(missing_text)
@@ -122,7 +127,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
         text_encoder.release()
 
     for plan in plans:
-        _write_manifest(ctx, plan, text_id, text_keys)
+        _write_manifest(ctx.config, ctx.workdir, plan, text_id, text_keys)
         path = layout.report_path(ctx.workdir, plan.dataset.id)
         plan.report.write(path)
         plan.report.log_summary(path)
@@ -141,15 +146,15 @@ def _world_size_from_env() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _identities(ctx: JobContext, folder: Path, *, text_dtype: str) -> tuple[str, str]:
+def _identities(job: JobConfig, workdir: WorkDir, folder: Path, *, text_dtype: str) -> tuple[str, str]:
     """The VAE's and the text side's identities: hashes of their files (remembered by size and mtime)."""
-    hashes = FileHashes(layout.file_hashes_path(ctx.workdir))
+    hashes = FileHashes(layout.file_hashes_path(workdir))
     try:
         vae_id = vae_identity(folder_identity(folder / "vae", hashes), VAE_DTYPE)
         text_id = text_identity(
             folder_identity(folder / "text_encoder", hashes),
             folder_identity(folder / "tokenizer", hashes),
-            ctx.config.job.max_token_length,
+            job.max_token_length,
             text_dtype,
         )
     except FileNotFoundError as exc:
@@ -158,15 +163,17 @@ def _identities(ctx: JobContext, folder: Path, *, text_dtype: str) -> tuple[str,
     return vae_id, text_id
 
 
-def _validation_prompts(ctx: JobContext) -> list[str]:
+def _validation_prompts(config: ResolvedConfig) -> list[str]:
     """The prompts validation renders, as it renders them (``<token>`` filled in), and its negative."""
     from job.validate.prompts import validation_prompts
 
-    prompts = [*validation_prompts(ctx.config).values(), ctx.config.job.validation_negative_prompt]
+    prompts = [*validation_prompts(config).values(), config.job.validation_negative_prompt]
     return [prompt for prompt in prompts if prompt]
 
 
-def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str, text_keys: dict[str, str]) -> None:
+def _write_manifest(
+    config: ResolvedConfig, workdir: WorkDir, plan: DatasetPlan, text_id: str, text_keys: dict[str, str]
+) -> None:
     samples = [
         PlannedSample(
             relpath=sample.relpath,
@@ -178,9 +185,9 @@ def _write_manifest(ctx: JobContext, plan: DatasetPlan, text_id: str, text_keys:
     ]
     manifest = Manifest(
         dataset_id=plan.dataset.id,
-        fingerprint=plan_fingerprint(ctx.config, plan.dataset),
+        fingerprint=plan_fingerprint(config, plan.dataset),
         text_identity=text_id,
         null_text_key=text_keys[""],
         samples=samples,
     )
-    write_manifest(layout.manifest_path(ctx.workdir, plan.dataset.id), manifest)
+    write_manifest(layout.manifest_path(workdir, plan.dataset.id), manifest)

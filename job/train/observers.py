@@ -31,9 +31,10 @@ if TYPE_CHECKING:
     import torch
 
     from job.cache.dataset import Batch, TrainingData
-    from job.context import JobContext
+    from job.config.loader import ResolvedConfig
     from job.train.loop import StepResult, TrainingRun
     from job.validate.render import Adapter
+    from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
 
@@ -41,7 +42,8 @@ log = logging.getLogger("lokr")
 class TrainingObserver:
     def __init__(
         self,
-        ctx: JobContext,
+        config: ResolvedConfig,
+        workdir: WorkDir,
         *,
         transformer: torch.nn.Module,
         data: TrainingData,
@@ -52,8 +54,9 @@ class TrainingObserver:
         renders: bool = True,
         adapter: Adapter | None = None,
     ) -> None:
-        self.ctx = ctx
-        self.job = ctx.config.job
+        self.config = config
+        self.workdir = workdir
+        self.job = config.job
         self.transformer = transformer
         self.data = data
         self.device = device
@@ -62,26 +65,37 @@ class TrainingObserver:
         self.webhook = webhook
         self.renders = renders  # False: the main process cannot run the model alone (ZeRO-3 shards)
         self.adapter = adapter  # the LoKr, rendered at validation_lycoris_strength (None: full-rank)
-        self.prompts = validation_prompts(ctx.config)
-        self.validation_dir = ctx.workdir.output / "validation"
+        self.prompts = validation_prompts(config)
+        self.validation_dir = workdir.output / "validation"
         self.last_validated: int | None = None
         self.last_evaluated: int | None = None
         self._eval_batches: list[Batch] | None = None
 
     @classmethod
-    def for_run(cls, ctx: JobContext, run: TrainingRun, data: TrainingData) -> TrainingObserver:
+    def for_run(
+        cls,
+        config: ResolvedConfig,
+        workdir: WorkDir,
+        run_uri: str | None,
+        run: TrainingRun,
+        data: TrainingData,
+    ) -> TrainingObserver:
         """Open the trackers (continuing a resumed run's) and hook into the run's checkpoints."""
         trainer = run.trainer
         observer = cls(
-            ctx,
+            config,
+            workdir,
             transformer=trainer.transformer,
             data=data,
             device=trainer.accelerator.device,
             dtype=trainer.input_dtype,
             trackers=Trackers.from_config(
-                ctx.config, ctx.workdir, run_id=run_id(ctx), start_step=run.state.step
+                config,
+                workdir,
+                run_id=run_id(config, run_uri or str(workdir.root)),
+                start_step=run.state.step,
             ),
-            webhook=Webhook(ctx.config.job.webhook_url, run_name=run_name(ctx)),
+            webhook=Webhook(config.job.webhook_url, run_name=run_name(config)),
             renders=run.renders,
             adapter=getattr(trainer, "network", None),
         )
@@ -90,7 +104,7 @@ class TrainingObserver:
         return observer
 
     def on_start(self, step: int, total: int) -> None:
-        self.webhook.post("start", {"step": step, "total_steps": total, "recipe": self.ctx.config.hash})
+        self.webhook.post("start", {"step": step, "total_steps": total, "recipe": self.config.hash})
 
     def on_step(self, step: int, result: StepResult, seconds: float) -> None:
         self._guarded(
@@ -121,7 +135,7 @@ class TrainingObserver:
                 self._guarded("eval loss", lambda: self.evaluate(step))
             if self.renders and self.last_validated != step:
                 self._guarded("validation", lambda: self.validate(step))
-            self.webhook.post("finish", {"step": step, "output": str(self.ctx.workdir.output)})
+            self.webhook.post("finish", {"step": step, "output": str(self.workdir.output)})
         finally:
             self.close()
 
@@ -171,7 +185,7 @@ class TrainingObserver:
         # warm caches every validation prompt: then the text encoder (gigabytes) is never loaded.
         cached = all(self.data.sample_embedding(p) is not None for p in [*self.prompts.values(), negative])
         pipeline = build_validation_pipeline(
-            local_model_path(self.job, self.ctx.workdir),
+            local_model_path(self.job, self.workdir),
             self.transformer,
             self.dtype,
             self.device,
@@ -207,11 +221,11 @@ class TrainingObserver:
             log.warning("%s failed; training goes on", what, exc_info=True)
 
 
-def run_name(ctx: JobContext) -> str:
-    return ctx.config.job.tracker_run_name or f"lokr-{ctx.config.hash[:8]}"
+def run_name(config: ResolvedConfig) -> str:
+    return config.job.tracker_run_name or f"lokr-{config.hash[:8]}"
 
 
-def run_id(ctx: JobContext) -> str:
-    """One wandb run per (recipe, run URI or work directory): a resumed attempt continues it."""
-    where = ctx.run_uri or str(ctx.workdir.root)
-    return hashlib.sha256(f"{ctx.config.hash}\n{where}".encode()).hexdigest()[:16]
+def run_id(config: ResolvedConfig, where: str) -> str:
+    """One wandb run per (recipe, ``where``: the run URI or else the work directory): a resumed attempt
+    continues it."""
+    return hashlib.sha256(f"{config.hash}\n{where}".encode()).hexdigest()[:16]

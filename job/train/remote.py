@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from job import distributed
-from job.context import JobContext
+from job.config.schema import JobConfig
 from job.files import make_temp_folder
 from job.lease import fence
 from job.preemption import current as current_preemption
@@ -261,24 +261,23 @@ def _status_hook(status: StatusReporter, max_steps: int | None, *, remote: bool)
 
 
 @contextmanager
-def durable_checkpoints(ctx: JobContext) -> Iterator[list[CheckpointHook]]:
-    """Around the train stage: fetch a newer remote checkpoint first, then yield the checkpoint hooks
-    (status, background upload). On the way out wait for the last upload: without limit after a finished
-    run, within what is left of the grace budget after a preemption."""
-    job, root = ctx.config.job, ctx.workdir.checkpoints
+def durable_checkpoints(job: JobConfig, root: Path, run_uri: str | None) -> Iterator[list[CheckpointHook]]:
+    """Around the train stage: fetch a newer checkpoint from ``run_uri`` into ``root`` first, then yield
+    the checkpoint hooks (status, background upload). On the way out wait for the last upload: without
+    limit after a finished run, within what is left of the grace budget after a preemption."""
     for stale in root.glob(f"{_STAGING_PREFIX}*") if root.is_dir() else ():
         shutil.rmtree(stale, ignore_errors=True)
     status = active()
     hooks: list[CheckpointHook] = []
     if status is not None:
-        hooks.append(_status_hook(status, job.max_train_steps, remote=not ctx.run_uri))
+        hooks.append(_status_hook(status, job.max_train_steps, remote=not run_uri))
     uploader: CheckpointUploader | None = None
-    if ctx.run_uri:
+    if run_uri:
         if job.resume_from_checkpoint == "latest":
-            run_uri = ctx.run_uri
+            remote = run_uri
             # Each machine's first process downloads; its other processes wait and then read it locally.
-            distributed.once_per_machine(lambda: download_newer_checkpoint(run_uri, root))
-        uploader = CheckpointUploader(ctx.run_uri, total_limit=job.checkpoints_total_limit, status=status)
+            distributed.once_per_machine(lambda: download_newer_checkpoint(remote, root))
+        uploader = CheckpointUploader(run_uri, total_limit=job.checkpoints_total_limit, status=status)
         hooks.append(uploader.submit)
     try:
         yield hooks

@@ -51,7 +51,9 @@ def train_adapter(
         gradient_accumulation_steps=accumulation,
     )
     should_stop = any_rank(should_stop)  # all ranks stop at the same step boundary
-    data = TrainingData.open(ctx, world_size=accelerator.num_processes, rank=accelerator.process_index)
+    data = TrainingData.open(
+        ctx.config, ctx.workdir, world_size=accelerator.num_processes, rank=accelerator.process_index
+    )
     total = total_steps(job, data.batches_per_epoch)
     result = workdir.output / (TRANSFORMER_DIR if full_rank else ADAPTER_FILE)
     if is_finished(workdir.output, config_hash=config.hash, step=total):
@@ -76,7 +78,7 @@ def train_adapter(
     if accelerator.is_main_process:
         from job.train.observers import TrainingObserver
 
-        run.trainer.observer = TrainingObserver.for_run(ctx, run, data)
+        run.trainer.observer = TrainingObserver.for_run(ctx.config, ctx.workdir, ctx.run_uri, run, data)
     try:
         finished = run.trainer.train(run.state, total)
     finally:
