@@ -4,6 +4,7 @@ alone; ``run`` chains them. Heavy modules are imported inside each stage so the 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from job import distributed
@@ -72,8 +73,32 @@ def warm(ctx: JobContext) -> None:
         # Remote shards first: a fresh machine then finds everything cached and loads no encoder.
         download_caches(ctx)
         upload_caches(ctx, warm_caches(ctx))
+        warm_offload_files(ctx)
 
     distributed.once_per_machine(warm_here)
+
+
+def warm_offload_files(ctx: JobContext) -> None:
+    """The disk-backed group-offload files (``group_offload_to_disk_path``), paid for before training."""
+    job = ctx.config.job
+    if not (job.enable_group_offload and job.group_offload_to_disk_path):
+        return
+    from job.model.components import compute_device
+    from job.model.offload.apply import write_offload_files
+    from job.model.source import local_model_path
+
+    started = time.perf_counter()
+    report = write_offload_files(
+        job, local_model_path(job, ctx.workdir), ctx.workdir.offload, compute_device()
+    )
+    if report is not None:
+        log.info(
+            "warm: group-offload files in %s: %d written, %d valid already (%.1f s)",
+            report.directory,
+            len(report.written),
+            len(report.reused),
+            time.perf_counter() - started,
+        )
 
 
 def train(ctx: JobContext) -> None:

@@ -4,6 +4,9 @@ the weights hash the same, rewritten where they changed; and the flags resolved 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,37 @@ def test_full_rank_training_is_pointed_at_deepspeed(tmp_path):
     job = job_config(model_type="full", deepspeed_config="ds_config.json", enable_group_offload=True)
     with pytest.raises(ConfigError, match="deepspeed_config"):
         apply_group_offload(tiny_model()[0], job, tmp_path, CPU)
+
+
+@pytest.mark.slow
+def test_warm_writes_the_files_and_train_only_checks_them(tiny_job: Path, tmp_path: Path) -> None:
+    """What an init container (or an earlier ``lokr-job warm``) pays for, ``train`` does not pay again."""
+    settings = [
+        "enable_group_offload=true",
+        "group_offload_to_disk_path=spill",
+        "base_model_precision=int8-quanto",
+    ]
+    args = ["--config", str(tiny_job), "--workdir", str(tmp_path / "work"), "--set", "max_train_steps=2"]
+    args += [arg for setting in settings for arg in ("--set", setting)]
+    env = {**os.environ, "LOKR_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
+
+    def lokr_job(command: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "job", command, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    warmed = lokr_job("warm")
+    spill = tmp_path / "work" / "offload" / "spill"
+    written = files(spill)
+    assert written and (spill / MANIFEST).is_file()
+    assert f"group-offload files in {spill}: {len(written)} written, 0 valid already" in warmed
+    trained = lokr_job("train")
+    assert f"group offload: {spill}: 0 files written, {len(written)} reused" in trained
+    assert files(spill) == written  # same inodes, same modification times: nothing rewritten
+    assert "step 2/2" in trained

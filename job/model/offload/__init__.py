@@ -34,7 +34,8 @@ only what training needs:
   reaches it; hooks on its inputs offload it once backward has passed it; whatever is still onloaded when
   the backward pass ends is offloaded then.
 - Disk files are one safetensors file per group plus ``manifest.json`` with each group's sha256 over its
-  leaves: valid files are reused, stale ones rewritten; ``warm_only`` writes them without installing hooks.
+  leaves: valid files are reused, stale ones rewritten; ``warm_only`` writes them without installing hooks
+  (``lokr-job warm`` does, so ``train`` only checks them).
 
 Trainable tensors (LoKr's, held by the LyCORIS network outside the transformer's module tree) are never
 offloaded; the transformer's own parameters outside the block lists (patch and time embeddings, caption
