@@ -170,7 +170,7 @@ def test_dataset_keys_are_not_part_of_the_recipe(tiny_job: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
+@pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread", "fresh_accelerate_state")
 def test_a_whole_run_with_keys_in_the_file_writes_them_nowhere(
     s3, tiny_job: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
