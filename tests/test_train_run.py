@@ -10,7 +10,7 @@ from job.train.checkpoint import list_checkpoints
 from job.train.output import ADAPTER_FILE, is_finished
 from job.train.run import train_adapter
 
-pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
+pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
