@@ -59,6 +59,8 @@ def infer(
     int8: bool = False,
     negative_prompt: str = "",
     max_sequence_length: int = token_limit(DEFAULT_FLAVOUR),
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
 ) -> list[Path]:
     """Write one PNG per prompt to ``out_dir`` and return their paths.
 
@@ -67,12 +69,12 @@ def infer(
     adapter, is a full-rank fine-tune that replaces the base model's transformer: its local folder
     (``config.json`` and the weights) or the output folder holding ``transformer/``. ``scale`` is the
     adapter's strength. ``prompts`` is a list, or a mapping nickname → prompt that names the files. Every
-    image starts from ``seed``.
+    image starts from ``seed``. ``vae_tiling``/``vae_slicing``: the config's ``vae_enable_*`` for the decode.
     """
     import torch
 
     from job.check.sizes import require_render_size
-    from job.model.components import pipeline_geometry, source_geometry
+    from job.model.components import pipeline_geometry, source_geometry, use_vae_memory_options
 
     if adapter is not None and transformer is not None:
         raise ConfigError("infer: give a LoKr adapter or a full-rank transformer, not both")
@@ -88,6 +90,7 @@ def infer(
     require_render_size(width, height, pipeline_geometry(pipeline), _SIZE_KEY)
     if adapter is not None:
         _merge_adapter(pipeline, adapter, scale)
+    use_vae_memory_options(pipeline.vae, tiling=vae_tiling, slicing=vae_slicing)
     if int8:
         from optimum.quanto import freeze, qint8, quantize
 
@@ -295,6 +298,8 @@ def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
         int8=args.int8,
         negative_prompt=_first(args.negative_prompt, job.validation_negative_prompt if job else ""),
         max_sequence_length=_token_limit(args, job, base_model),
+        vae_tiling=job.vae_enable_tiling if job else False,
+        vae_slicing=job.vae_enable_slicing if job else False,
     )
     for path in paths:
         print(path)

@@ -353,3 +353,15 @@ def test_hub_caption_strategy_on_a_folder_is_a_config_error(tmp_path: Path, tiny
     )
     with pytest.raises(ConfigError, match="'d': caption_strategy huggingface"):
         warm_caches(open_job(config, tmp_path / "work"))
+
+
+def test_slicing_keeps_the_latents_and_tiling_keeps_its_own(small_job: Path, tmp_path: Path) -> None:
+    """vae_enable_slicing changes no latent (the cache is reused as is); vae_enable_tiling changes them
+    (tile seams), so its latents are cached apart and switching it back finds the untiled ones."""
+    work = tmp_path / "work"
+    assert warm_caches(open_job(small_job, work)).latents_new == 6
+    sliced = warm_caches(open_job(small_job, work, ["vae_enable_slicing=true"]))
+    assert (sliced.latents_new, sliced.vae_loaded) == (0, False)
+    tiled = warm_caches(open_job(small_job, work, ["vae_enable_tiling=true"]))
+    assert tiled.latents_new == 6
+    assert warm_caches(open_job(small_job, work)).latents_new == 0

@@ -118,3 +118,13 @@ def test_cached_prompt_embeddings_render_what_the_text_encoder_would(
     for a, b in zip(encoded, cached, strict=True):
         difference = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
         assert difference.max() <= 1, a.name
+    # vae_enable_slicing decodes one image at a time: the same pictures.
+    sliced = build_validation_pipeline(
+        model, transformer, torch.float32, "cpu", with_text_encoder=False, vae_slicing=True
+    )
+    assert sliced.vae.use_slicing and not sliced.vae.use_tiling
+    slices = render_validation(
+        sliced, prompts, ctx.config.job, 1, tmp_path / "sliced", embeddings=data.sample_embedding
+    )
+    for a, b in zip(cached, slices, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name

@@ -1,7 +1,8 @@
 """Content keys: a cache entry's name is a hash of everything that changes its value.
 
 - a latent: the image bytes (their sha256), the transform (resize, crop box, hence bucket, crop style
-  and seed), the VAE (its files) and the dtype it ran in;
+  and seed), the VAE (its files), the dtype it ran in and whether it ran tiled (``vae_enable_tiling``:
+  tile seams change the values; slicing does not);
 - a text embedding: the caption, the text encoder and tokenizer (their files), the max token length
   and the dtype.
 The ``*_FORMAT`` strings are bumped whenever the code that produces an entry changes what it produces.
@@ -20,8 +21,9 @@ def _hash(value: object) -> str:
     return hashlib.sha256(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
-def vae_identity(vae_files: str, dtype: str) -> str:
-    return _hash([LATENT_FORMAT, vae_files, dtype])
+def vae_identity(vae_files: str, dtype: str, *, tiled: bool = False) -> str:
+    # Untiled keys are as they were before tiling existed: caches warmed then stay valid.
+    return _hash([LATENT_FORMAT, vae_files, dtype, *(["tiled"] if tiled else [])])
 
 
 def text_identity(encoder_files: str, tokenizer_files: str, max_length: int, dtype: str) -> str:

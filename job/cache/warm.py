@@ -65,7 +65,11 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     plans = plan_datasets(ctx.config, ctx.workdir, geometry, step, vae_id)
     report = WarmReport([plan.report for plan in plans])
 
-    vae = LazyModel(lambda: load_vae(folder, compute_device()))
+    vae = LazyModel(
+        lambda: load_vae(
+            folder, compute_device(), tiling=job.vae_enable_tiling, slicing=job.vae_enable_slicing
+        )
+    )
     indexes: dict[Path, CacheIndex] = {}
     for plan in plans:
         # Between datasets (every entry written so far is whole and indexed): a SIGTERM stops here, exit 75.
@@ -150,7 +154,7 @@ def _identities(job: JobConfig, workdir: WorkDir, folder: Path, *, text_dtype: s
     """The VAE's and the text side's identities: hashes of their files (remembered by size and mtime)."""
     hashes = FileHashes(layout.file_hashes_path(workdir))
     try:
-        vae_id = vae_identity(folder_identity(folder / "vae", hashes), VAE_DTYPE)
+        vae_id = vae_identity(folder_identity(folder / "vae", hashes), VAE_DTYPE, tiled=job.vae_enable_tiling)
         text_id = text_identity(
             folder_identity(folder / "text_encoder", hashes),
             folder_identity(folder / "tokenizer", hashes),

@@ -77,6 +77,10 @@ class JobConfig(_Strict):
     aspect_bucket_alignment: int = Field(default=64, gt=0)
     caption_dropout_probability: float = Field(default=0.0, ge=0, le=1)
     vae_batch_size: int = Field(default=4, gt=0)
+    # diffusers' AutoencoderKL tiling (encode and decode in overlapping tiles) and slicing (one image of a
+    # batch at a time): VRAM, not weights; tiling changes the latents a little, so it keys the cache.
+    vae_enable_tiling: bool = False
+    vae_enable_slicing: bool = False
     write_batch_size: int = Field(default=64, gt=0)
     text_encoder_batch_size: int = Field(default=1, gt=0)
     # SimpleTuner's stages, comma-separated: vae, aspect, text, metadata (job/data/skips.py).

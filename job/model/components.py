@@ -149,13 +149,25 @@ def _torch_is_cpu_build() -> bool:
     return all(re.search(rf"^{name}(: [^=]+)? = None$", text, re.MULTILINE) for name in ("cuda", "hip"))
 
 
-def load_vae(folder: Path, device: torch.device) -> AutoencoderKL:
-    """The VAE in float32: SDXL's VAE overflows in half precision, and it encodes each image only once."""
+def load_vae(
+    folder: Path, device: torch.device, *, tiling: bool = False, slicing: bool = False
+) -> AutoencoderKL:
+    """The VAE in float32: SDXL's VAE overflows in half precision, and it encodes each image only once.
+    ``tiling``/``slicing``: ``vae_enable_tiling``/``vae_enable_slicing`` (``use_vae_memory_options``)."""
     import torch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    use_vae_memory_options(vae, tiling=tiling, slicing=slicing)
     return vae.to(device).eval().requires_grad_(False)
+
+
+def use_vae_memory_options(vae: AutoencoderKL, *, tiling: bool, slicing: bool) -> None:
+    """diffusers' own tiled (overlapping tiles, blended) and sliced (one image at a time) VAE passes."""
+    if tiling:
+        vae.enable_tiling()
+    if slicing:
+        vae.enable_slicing()
 
 
 def load_text_encoder(folder: Path, device: torch.device) -> tuple[PreTrainedTokenizerBase, UMT5EncoderModel]:

@@ -190,6 +190,8 @@ class TrainingObserver:
             self.dtype,
             self.device,
             with_text_encoder=not cached,
+            vae_tiling=self.job.vae_enable_tiling,
+            vae_slicing=self.job.vae_enable_slicing,
         )
         try:
             paths = render_validation(

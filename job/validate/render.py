@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from job.model.components import use_vae_memory_options
 from job.track.logs import adopt_library_loggers
 
 if TYPE_CHECKING:
@@ -44,12 +45,15 @@ def build_validation_pipeline(
     revision: str | None = None,
     cache_dir: Path | None = None,
     with_text_encoder: bool = True,
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
 ) -> AuraFlowPipeline:
     """An AuraFlowPipeline around ``transformer`` (left where and as it is: it may be quantized or
     group-offloaded); the other components are loaded in ``dtype`` and moved to ``device``.
 
     ``with_text_encoder=False`` leaves the text encoder and tokenizer out (gigabytes not loaded): then
-    every prompt must come as cached embeddings (``render_validation``'s ``embeddings``)."""
+    every prompt must come as cached embeddings (``render_validation``'s ``embeddings``). ``vae_tiling`` and
+    ``vae_slicing``: ``vae_enable_tiling``/``vae_enable_slicing`` for the decode."""
     from diffusers import AuraFlowPipeline
 
     without = {} if with_text_encoder else {"text_encoder": None, "tokenizer": None}
@@ -59,6 +63,7 @@ def build_validation_pipeline(
     adopt_library_loggers()
     if with_text_encoder:
         pipeline.text_encoder.to(device)
+    use_vae_memory_options(pipeline.vae, tiling=vae_tiling, slicing=vae_slicing)
     pipeline.vae.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
