@@ -39,6 +39,7 @@ _COMMANDS = {
     "train": "train the LoKr adapter, or every weight (model_type full); resumes from the newest checkpoint",
     "publish": "push the adapter (or full-rank transformer), card and images to the Hub and the run URI",
     "infer": "generate images with the base model and a trained adapter or full-rank transformer",
+    "export": "write the trained adapter in a form other tools load (merged: a diffusers transformer)",
     "tiny": "write a tiny random AuraFlow, a dataset and a config (the embedded default)",
 }
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
             from job.infer import add_infer_arguments
 
             add_infer_arguments(sub)
+        if name == "export":
+            from job.export import add_export_arguments
+
+            add_export_arguments(sub)
     return parser
 
 
@@ -196,6 +201,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_infer(args, None)
         return
+    if args.command == "export" and not args.config:
+        from job.export import run_export
+
+        run_export(args, None)
+        return
     if not args.config:
         raise ConfigError(
             "no config given: pass --config URI or set LOKR_CONFIG (config.json as a path, s3://bucket/key "
@@ -210,6 +220,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         from job.infer import run_infer
 
         run_infer(args, ctx)
+        return
+    if args.command == "export":
+        from job.export import run_export
+
+        run_export(args, ctx)
         return
     if args.command in (*STAGES, "run"):
         from job.lease import exclusive

@@ -14,6 +14,7 @@ and safetensors' ``save_file`` (0600 whatever the umask) would leave them privat
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,23 @@ def make_temp_folder(parent: Path, prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     folder.chmod(folder_mode())
     return folder
+
+
+def replace_folder(dest: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary folder beside ``dest`` with ``fill(folder)``, give it the usual modes, and swap it
+    in for ``dest`` (replacing what is there): a reader never sees half of it, and a failed fill leaves
+    ``dest`` as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_temp_folder(dest.parent, f".{dest.name}.")
+    try:
+        fill(staging)
+        share_tree(staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def share_tree(root: Path) -> None:

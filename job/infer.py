@@ -89,7 +89,7 @@ def infer(
     )
     require_render_size(width, height, pipeline_geometry(pipeline), _SIZE_KEY)
     if adapter is not None:
-        _merge_adapter(pipeline, adapter, scale)
+        merge_adapter(pipeline.transformer, adapter, scale)
     use_vae_memory_options(pipeline.vae, tiling=vae_tiling, slicing=vae_slicing)
     if int8:
         from optimum.quanto import freeze, qint8, quantize
@@ -172,17 +172,21 @@ def _transformer_folder(given: str) -> Path:
     )
 
 
-def _merge_adapter(pipeline: AuraFlowPipeline, adapter: str | Path, scale: float) -> None:
+def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, scale: float) -> None:
+    """Merge a LoKr adapter file (local, its folder, or an ``s3://``/``hf://`` URI) into ``transformer``'s
+    weights at ``scale``: what ``infer`` renders with and ``export --format merged`` writes."""
     from lycoris import create_lycoris_from_weights
 
-    from job.model.lokr import reset_lycoris_preset
+    from job.model.lokr import reset_lycoris_preset, route_lycoris_logs
 
+    # LyCORIS prints to stdout, where infer and export print their results: into our log instead.
+    route_lycoris_logs()
     # Module names are matched under LyCORIS's prefix, which a training preset in this process may
     # have changed.
     reset_lycoris_preset()
     with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
-        path = _local_adapter(str(adapter), Path(scratch))
-        network, _ = create_lycoris_from_weights(scale, str(path), pipeline.transformer)
+        path = local_adapter(str(adapter), Path(scratch))
+        network, _ = create_lycoris_from_weights(scale, str(path), transformer)
     if not network.loras:
         raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
     # merge_to applies its own argument as the scale; the multiplier above does not reach the merge.
@@ -190,7 +194,7 @@ def _merge_adapter(pipeline: AuraFlowPipeline, adapter: str | Path, scale: float
     log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
 
 
-def _local_adapter(adapter: str, scratch: Path) -> Path:
+def local_adapter(adapter: str, scratch: Path) -> Path:
     from job.storage import is_remote, join, storage_for
     from job.train.output import TRANSFORMER_DIR
 
@@ -272,7 +276,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     """``lokr-job infer``: the command line's values, else the config's validation settings, else defaults."""
     job = ctx.config.job if ctx is not None else None
-    base_model = args.base_model or (_fetched_model(ctx) if ctx is not None else None)
+    base_model = args.base_model or (fetched_model(ctx) if ctx is not None else None)
     if not base_model:
         raise ConfigError("infer: pass --base-model (a Hub repo id or local folder) or --config")
     adapter, transformer = _trained_weights(args, ctx)
@@ -344,7 +348,7 @@ def _token_limit(args: argparse.Namespace, job: JobConfig | None, base_model: st
     return job.max_token_length
 
 
-def _fetched_model(ctx: JobContext) -> str:
+def fetched_model(ctx: JobContext) -> str:
     """The config's base model where ``lokr-job fetch`` put it (an S3 or Hub source is not loadable as is)."""
     from job.model.source import local_model_path
 

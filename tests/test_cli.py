@@ -17,7 +17,7 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
     result = _cli("--help")
     assert result.returncode == 0
     listed = re.findall(r"^    (\w+)  ", result.stdout, flags=re.MULTILINE)
-    assert listed == ["run", "check", "fetch", "warm", "train", "publish", "infer", "tiny"]
+    assert listed == ["run", "check", "fetch", "warm", "train", "publish", "infer", "export", "tiny"]
     assert "75 transient failure or preempted" in result.stdout
 
 

@@ -62,7 +62,7 @@ def attach_lokr(transformer: torch.nn.Module, config: LycorisConfig, *, seed: in
     """
     from lycoris import LycorisNetwork, create_lycoris
 
-    _route_lycoris_logs()
+    route_lycoris_logs()
     reset_lycoris_preset()
     if config.apply_preset is not None:
         LycorisNetwork.apply_preset(config.apply_preset.model_dump(exclude_unset=True, exclude_none=True))
@@ -91,7 +91,7 @@ def attach_lokr(transformer: torch.nn.Module, config: LycorisConfig, *, seed: in
     return network
 
 
-def _route_lycoris_logs() -> None:
+def route_lycoris_logs() -> None:
     """LyCORIS prints colour-coded INFO lines to stdout through its own handler; send its warnings and
     errors through the job's logging instead (the summary line above says what its INFO lines said)."""
     lycoris_log = logging.getLogger("LyCORIS")

@@ -9,8 +9,6 @@ across processes so that caches keyed on file content stay warm and tests can co
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from job.files import make_temp_folder, share_tree
+from job.files import replace_folder
 
 if TYPE_CHECKING:
     from diffusers import AuraFlowTransformer2DModel, AutoencoderKL
@@ -198,21 +196,14 @@ def build_tiny_pipeline(dest: Path) -> None:
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
     )
-    # Write beside dest and swap in, so a reader never sees half a model.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_folder(dest.parent, f".{dest.name}.")
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        _normalise_json(tmp)
-        # Its safetensors files are 0600: written by root (an image build, a root container), the job's
-        # non-root user could not load the model.
-        share_tree(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        _normalise_json(folder)
+
+    # Written beside dest and swapped in, so a reader never sees half a model; with the usual modes
+    # (safetensors writes 0600: written by root, the job's non-root user could not load the model).
+    replace_folder(dest, fill)
 
 
 def _normalise_json(root: Path) -> None:
