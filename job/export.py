@@ -1,5 +1,16 @@
 """``lokr-job export``: the trained LoKr in a form other tools load.
 
+``comfyui``: the adapter with its keys renamed for ComfyUI's loader. The file lokr-job trains names each
+module LyCORIS's way (``lycoris_joint_transformer_blocks_0_attn_to_q.lokr_w1``), which ComfyUI maps for SD3
+but not for AuraFlow; for AuraFlow it maps ``transformer.<diffusers module>`` keys (``comfy/utils.py``'s
+``auraflow_to_diffusers``, read by ``comfy/lora.py``'s ``model_lora_keys_unet``). So each module's name is
+looked up among the AuraFlow transformer's own Linear modules (built on the meta device from the base
+model's config: no weights read) and written as ``transformer.joint_transformer_blocks.0.attn.to_q.lokr_w1``.
+The tensors are unchanged: ComfyUI's LoKr patch (``comfy/weight_adapter/lokr.py``) adds
+``strength · kron(w1, w2)``, scaled by ``alpha / rank`` only where a factor is low-rank, which is LyCORIS's
+own merge. LyCORIS options ComfyUI's patch does not compute the same way (``rs_lora``, DoRA's
+``dora_scale``, ``scalar``) are refused, naming them.
+
 The adapter file itself (``pytorch_lora_weights.safetensors``, LyCORIS's keys) loads in LyCORIS and in
 lokr-job's ``infer``. diffusers cannot load it: ``load_lora_weights`` takes LoRA (PEFT) weights only, and
 no diffusers loader reads LoKr's Kronecker factors. So the diffusers form is ``merged``: the base model's
@@ -29,7 +40,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lokr.export")
 
-FORMATS = ("merged",)
+FORMATS = ("merged", "comfyui")
+COMFYUI_FILE = "lokr-comfyui.safetensors"
+# The parts of a LoKr module ComfyUI's patch reads; anything else (rs_lora's scaling, DoRA) it would
+# apply differently or not at all.
+COMFYUI_PARTS = frozenset(
+    {"alpha", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 RECORD = "export.json"
 TRANSFORMER_DIR = "transformer"
@@ -42,7 +59,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         required=True,
         choices=FORMATS,
-        help="merged: the base transformer with the adapter merged in, in diffusers' layout",
+        help="merged: the base transformer with the adapter merged in, in diffusers' layout; comfyui: the "
+        "adapter with the keys ComfyUI's loader maps for AuraFlow",
     )
     parser.add_argument(
         "--adapter",
@@ -80,13 +98,11 @@ def run_export(args: argparse.Namespace, ctx: JobContext | None) -> Path:
     if not base_model or adapter is None:
         raise ConfigError("export: pass --config, or --base-model and --adapter")
     default_out = (ctx.workdir.output if ctx is not None else Path()) / f"export-{args.format}"
-    out = export_merged(
-        str(base_model),
-        adapter,
-        Path(args.out) if args.out else default_out,
-        scale=args.scale,
-        dtype=args.dtype,
-    )
+    out_dir = Path(args.out) if args.out else default_out
+    if args.format == "comfyui":
+        out = export_comfyui(str(base_model), adapter, out_dir)
+    else:
+        out = export_merged(str(base_model), adapter, out_dir, scale=args.scale, dtype=args.dtype)
     print(out)
     return out
 
@@ -97,17 +113,12 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
     from diffusers import AuraFlowTransformer2DModel
 
     from job.infer import local_adapter, merge_adapter
-    from job.storage import is_remote
 
-    if is_remote(base_model):
-        raise ConfigError(
-            f"export: base model {base_model!r} is a URI; give a Hub repo id (owner/name) or a local folder"
-        )
-    folder = Path(base_model).expanduser()
-    own = folder.is_dir() and not (folder / TRANSFORMER_DIR).is_dir()
     try:
         transformer = AuraFlowTransformer2DModel.from_pretrained(
-            base_model, subfolder=None if own else TRANSFORMER_DIR, torch_dtype=getattr(torch, DTYPES[dtype])
+            base_model,
+            subfolder=_transformer_subfolder(base_model),
+            torch_dtype=getattr(torch, DTYPES[dtype]),
         )
     except OSError as exc:
         raise ConfigError(f"export: cannot load an AuraFlow transformer from {base_model!r}: {exc}") from exc
@@ -125,3 +136,81 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
     replace_folder(out, fill)
     log.info("export: merged transformer (scale %g, %s) written to %s", scale, dtype, out / TRANSFORMER_DIR)
     return out
+
+
+def export_comfyui(base_model: str, adapter: str | Path, out: Path) -> Path:
+    """Write ``out/lokr-comfyui.safetensors`` (the adapter, keys for ComfyUI) and ``out/export.json``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from job.infer import local_adapter
+
+    names = _linear_module_names(base_model)
+    by_lycoris_name = {"lycoris_" + name.replace(".", "_"): name for name in names}
+    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
+        adapter_file = local_adapter(str(adapter), Path(scratch))
+        with safe_open(str(adapter_file), "pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+            metadata = handle.metadata() or {}
+        adapter_sha256 = sha256_file(adapter_file)
+    _require_comfyui_parts(adapter, tensors, metadata)
+    renamed = {}
+    for key, tensor in tensors.items():
+        module, part = key.split(".", 1)
+        if module not in by_lycoris_name:
+            raise ConfigError(
+                f"export: adapter {adapter} holds module {module!r}, which is not a Linear module of the "
+                f"AuraFlow transformer of {base_model!r}: was it trained on another model?"
+            )
+        renamed[f"transformer.{by_lycoris_name[module]}.{part}"] = tensor.contiguous()
+    record = {"format": "comfyui", "base_model": base_model, "adapter_sha256": adapter_sha256}
+
+    def fill(folder: Path) -> None:
+        save_file(renamed, str(folder / COMFYUI_FILE), metadata={**metadata, "lokr_job_export": "comfyui"})
+        (folder / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    replace_folder(out, fill)
+    log.info("export: %d tensors renamed for ComfyUI in %s", len(renamed), out / COMFYUI_FILE)
+    return out
+
+
+def _require_comfyui_parts(adapter: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
+    parts = {key.split(".", 1)[1] for key in tensors}
+    settings = json.loads(metadata.get("lycoris_config", "{}"))
+    problems = [f"{part!r} tensors" for part in sorted(parts - COMFYUI_PARTS)]
+    problems += [f"{option}: true" for option in ("rs_lora", "weight_decompose") if settings.get(option)]
+    if problems:
+        raise ConfigError(
+            f"export --format comfyui: adapter {adapter} uses {', '.join(problems)}, which ComfyUI's LoKr "
+            "patch does not apply the way LyCORIS trained it; use --format merged"
+        )
+
+
+def _transformer_subfolder(base_model: str) -> str | None:
+    """Where the transformer is: the base model's ``transformer/``, or the folder itself."""
+    from job.storage import is_remote
+
+    if is_remote(base_model):
+        raise ConfigError(
+            f"export: base model {base_model!r} is a URI; give a Hub repo id (owner/name) or a local folder"
+        )
+    folder = Path(base_model).expanduser()
+    own = folder.is_dir() and not (folder / TRANSFORMER_DIR).is_dir()
+    return None if own else TRANSFORMER_DIR
+
+
+def _linear_module_names(base_model: str) -> list[str]:
+    """The AuraFlow transformer's Linear modules, from its config alone (built on the meta device)."""
+    import torch
+    from diffusers import AuraFlowTransformer2DModel
+
+    subfolder = _transformer_subfolder(base_model)
+    try:
+        config = AuraFlowTransformer2DModel.load_config(base_model, subfolder=subfolder)
+    except OSError as exc:
+        raise ConfigError(
+            f"export: cannot read the AuraFlow transformer's config from {base_model!r}: {exc}"
+        ) from exc
+    with torch.device("meta"):
+        transformer = AuraFlowTransformer2DModel.from_config(config)
+    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]

@@ -177,7 +177,7 @@ def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, 
     weights at ``scale``: what ``infer`` renders with and ``export --format merged`` writes."""
     from lycoris import create_lycoris_from_weights
 
-    from job.model.lokr import reset_lycoris_preset, route_lycoris_logs
+    from job.model.lokr import merge_lokr, reset_lycoris_preset, route_lycoris_logs
 
     # LyCORIS prints to stdout, where infer and export print their results: into our log instead.
     route_lycoris_logs()
@@ -189,8 +189,7 @@ def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, 
         network, _ = create_lycoris_from_weights(scale, str(path), transformer)
     if not network.loras:
         raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
-    # merge_to applies its own argument as the scale; the multiplier above does not reach the merge.
-    network.merge_to(scale)
+    merge_lokr(network, scale)
     log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
 
 

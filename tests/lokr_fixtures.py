@@ -16,9 +16,9 @@ SEED_LYCORIS = LycorisConfig.model_validate(
 )
 
 
-def write_random_adapter(model: Path, lycoris: LycorisConfig, path: Path) -> Path:
+def write_random_adapter(model: Path, lycoris: LycorisConfig, path: Path, *, std: float = 1.0) -> Path:
     """A LoKr file as training writes it, for ``model``'s transformer, with weights far enough from zero
-    to change the images."""
+    to change the images (normal, standard deviation ``std``)."""
     from diffusers import AuraFlowTransformer2DModel
 
     transformer = AuraFlowTransformer2DModel.from_pretrained(model, subfolder="transformer")
@@ -26,7 +26,7 @@ def write_random_adapter(model: Path, lycoris: LycorisConfig, path: Path) -> Pat
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in network.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     save_adapter(network, path, lycoris)
     reset_lycoris_preset()
     return path

@@ -9,11 +9,20 @@ from safetensors import safe_open
 
 from job.config.schema import LycorisConfig
 from job.errors import ConfigError
-from job.model.lokr import METADATA_KEY, attach_lokr, save_adapter
+from job.model.lokr import METADATA_KEY, attach_lokr, merge_lokr, save_adapter
 from job.model.tiny import build_transformer
 from job.tiny import LYCORIS_CONFIG_TEXT
 
 pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset")
+
+
+def _inputs() -> dict[str, object]:
+    return {
+        "hidden_states": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        "encoder_hidden_states": torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
+        "timestep": torch.tensor([0.5]),
+        "return_dict": False,
+    }
 
 
 def _transformer() -> torch.nn.Module:
@@ -95,12 +104,7 @@ def test_adapter_reloads_with_create_lycoris_from_weights(tmp_path):
         for parameter in network.parameters():
             parameter.add_(0.05)
     save_adapter(network, tmp_path / "adapter.safetensors", SEED_LYCORIS)
-    inputs = {
-        "hidden_states": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
-        "encoder_hidden_states": torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
-        "timestep": torch.tensor([0.5]),
-        "return_dict": False,
-    }
+    inputs = _inputs()
     with torch.no_grad():
         trained = transformer(**inputs)[0]
         fresh = _transformer()
@@ -140,3 +144,30 @@ def test_seed_preset_on_the_full_size_auraflow():
     network = attach_lokr(transformer.requires_grad_(False), SEED_LYCORIS, seed=0)
     assert len(network.loras) == 160
     assert sum(p.numel() for p in network.parameters()) == 23_603_200
+
+
+@pytest.mark.usefixtures("fresh_lycoris_preset")
+def test_a_merge_adds_what_the_training_forward_adds_whatever_the_rank_scale(tmp_path):
+    """alpha 2 over rank 4: the forward scales the Kronecker product by 0.5; LyCORIS's merge_to scales it
+    by 0.25 (twice), merge_lokr by 0.5, as trained."""
+    from lycoris import create_lycoris_from_weights
+
+    low_rank = LycorisConfig.model_validate({"algo": "lokr", "linear_dim": 4, "linear_alpha": 2, "factor": 4})
+    transformer = _transformer()
+    network = attach_lokr(transformer, low_rank, seed=0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    assert {module.scale for module in network.loras} == {0.5}
+    save_adapter(network, tmp_path / "adapter.safetensors", low_rank)
+    inputs = _inputs()
+    network.set_multiplier(0.75)
+    with torch.no_grad():
+        trained = transformer(**inputs)[0]
+        ours, theirs = _transformer(), _transformer()
+        merged, _ = create_lycoris_from_weights(0.75, str(tmp_path / "adapter.safetensors"), ours)
+        merge_lokr(merged, 0.75)
+        lycoris_merged, _ = create_lycoris_from_weights(0.75, str(tmp_path / "adapter.safetensors"), theirs)
+        lycoris_merged.merge_to(0.75)
+        assert torch.allclose(ours(**inputs)[0], trained, atol=1e-5)
+        assert not torch.allclose(theirs(**inputs)[0], trained, atol=1e-3)

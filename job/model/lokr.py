@@ -119,3 +119,23 @@ def save_adapter(network: LycorisNetwork, path: Path, config: LycorisConfig) -> 
     from safetensors.torch import save_file
 
     save_file(adapter_state_dict(network), str(path), metadata=adapter_metadata(config))
+
+
+def merge_lokr(network: LycorisNetwork, multiplier: float) -> None:
+    """Add each LoKr module's change to its base layer's weight, as the training forward computes it.
+
+    That forward (``LokrModule._rebuild_forward``) adds ``multiplier · get_weight() · scalar``, where
+    ``get_weight`` already holds the ``alpha / rank`` scale. LyCORIS's own ``merge_to`` goes through
+    ``get_diff_weight``, which multiplies by that scale a second time (lycoris-lora 4.1.3): right only when
+    alpha equals the rank, as with the seed's full-matrix LoKr, and off by the scale otherwise.
+    """
+    network.eval()  # no rank dropout in the change merged
+    with torch.no_grad():
+        for module in network.loras:
+            weight = module.org_module[0].weight
+            change = (module.get_weight(module.shape) * module.scalar).to(weight.dtype)
+            if module.wd:
+                merged = module.apply_weight_decompose(weight + change, multiplier)
+            else:
+                merged = weight + change * multiplier
+            weight.copy_(merged)

@@ -73,17 +73,16 @@ dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
 _LOKR_LOAD = """\
 pipeline = AuraFlowPipeline.from_pretrained(BASE_MODEL, dtype=dtype)
-
-# Merge the LoKr into the transformer's weights. merge_to() applies its own argument as the scale and
-# ignores the multiplier given to create_lycoris_from_weights, so pass the scale to both.
-lycoris, _ = create_lycoris_from_weights(LORA_SCALE, ADAPTER_FILE, pipeline.transformer)
-lycoris.merge_to(LORA_SCALE)
 if QUANTIZE_INT8:
-    # Quantize only after merging: LyCORIS cannot merge into quantized layers (it silently does nothing).
     from optimum.quanto import freeze, qint8, quantize
 
     quantize(pipeline.transformer, weights=qint8)
     freeze(pipeline.transformer)
+
+# The LoKr runs beside each layer it adapts, as in training (on int8 layers too). LyCORIS's merge_to()
+# would scale it by alpha/rank twice, which is only right when alpha equals the rank.
+lycoris, _ = create_lycoris_from_weights(LORA_SCALE, ADAPTER_FILE, pipeline.transformer)
+lycoris.apply_to()
 """
 
 _FULL_LOAD = """
