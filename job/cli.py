@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
             add_infer_arguments(sub)
         if name == "export":
-            from job.export import add_export_arguments
+            from job.publish.export import add_export_arguments
 
             add_export_arguments(sub)
     return parser
@@ -202,7 +202,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_infer(args, None)
         return
     if args.command == "export" and not args.config:
-        from job.export import run_export
+        from job.publish.export import run_export
 
         run_export(args, None)
         return
@@ -222,7 +222,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_infer(args, ctx)
         return
     if args.command == "export":
-        from job.export import run_export
+        from job.publish.export import run_export
 
         run_export(args, ctx)
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -89,6 +88,8 @@ def infer(
     )
     require_render_size(width, height, pipeline_geometry(pipeline), _SIZE_KEY)
     if adapter is not None:
+        from job.publish.export import merge_adapter
+
         merge_adapter(pipeline.transformer, adapter, scale)
     use_vae_memory_options(pipeline.vae, tiling=vae_tiling, slicing=vae_slicing)
     if int8:
@@ -172,49 +173,6 @@ def _transformer_folder(given: str) -> Path:
     )
 
 
-def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, scale: float) -> None:
-    """Merge a LoKr adapter file (local, its folder, or an ``s3://``/``hf://`` URI) into ``transformer``'s
-    weights at ``scale``: what ``infer`` renders with and ``export --format merged`` writes."""
-    from lycoris import create_lycoris_from_weights
-
-    from job.model.lokr import merge_lokr, reset_lycoris_preset, route_lycoris_logs
-
-    # LyCORIS prints to stdout, where infer and export print their results: into our log instead.
-    route_lycoris_logs()
-    # Module names are matched under LyCORIS's prefix, which a training preset in this process may
-    # have changed.
-    reset_lycoris_preset()
-    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
-        path = local_adapter(str(adapter), Path(scratch))
-        network, _ = create_lycoris_from_weights(scale, str(path), transformer)
-    if not network.loras:
-        raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
-    merge_lokr(network, scale)
-    log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
-
-
-def local_adapter(adapter: str, scratch: Path) -> Path:
-    from job.storage import is_remote, join, storage_for
-    from job.train.output import TRANSFORMER_DIR
-
-    if is_remote(adapter):
-        uri = adapter if adapter.endswith(".safetensors") else join(adapter, ADAPTER_FILENAME)
-        local = scratch / ADAPTER_FILENAME
-        storage_for(uri).download_file(uri, local)
-        return local
-    path = Path(adapter.removeprefix("file://")).expanduser()
-    if path.is_dir():
-        if not (path / ADAPTER_FILENAME).is_file() and (path / TRANSFORMER_DIR / "config.json").is_file():
-            raise ConfigError(
-                f"adapter {adapter!r} holds a full-rank transformer (model_type full), not a LoKr adapter: "
-                "pass it with --transformer"
-            )
-        path = path / ADAPTER_FILENAME
-    if not path.is_file():
-        raise ConfigError(f"adapter {adapter!r}: no such file (give the .safetensors file or its folder)")
-    return path
-
-
 def _named(prompts: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
     if isinstance(prompts, Mapping):
         return {safe_nickname(name): prompt for name, prompt in prompts.items()}
@@ -275,7 +233,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 def run_infer(args: argparse.Namespace, ctx: JobContext | None) -> list[Path]:
     """``lokr-job infer``: the command line's values, else the config's validation settings, else defaults."""
     job = ctx.config.job if ctx is not None else None
-    base_model = args.base_model or (fetched_model(ctx) if ctx is not None else None)
+    base_model = args.base_model or (_fetched_model(ctx) if ctx is not None else None)
     if not base_model:
         raise ConfigError("infer: pass --base-model (a Hub repo id or local folder) or --config")
     adapter, transformer = _trained_weights(args, ctx)
@@ -347,7 +305,7 @@ def _token_limit(args: argparse.Namespace, job: JobConfig | None, base_model: st
     return job.max_token_length
 
 
-def fetched_model(ctx: JobContext) -> str:
+def _fetched_model(ctx: JobContext) -> str:
     """The config's base model where ``lokr-job fetch`` put it (an S3 or Hub source is not loadable as is)."""
     from job.model.source import local_model_path
 

@@ -15,7 +15,7 @@ from job.config.loader import load_config
 from job.config.schema import LycorisConfig
 from job.errors import ExitCode
 from job.files import sha256_file
-from job.infer import merge_adapter
+from job.publish.export import merge_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

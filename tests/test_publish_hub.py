@@ -101,6 +101,30 @@ def test_publish_is_one_commit_of_adapter_card_ema_and_latest_images(
     assert not re.search(r"step-16", card)
 
 
+def test_publish_formats_push_the_comfyui_file_and_the_merged_transformer_beside_the_adapter(
+    hub, tiny_job: Path, trained_output: Path, tmp_path: Path
+) -> None:
+    from diffusers import AuraFlowTransformer2DModel
+    from safetensors.torch import load_file
+
+    overrides = [*PUSH, 'publish_formats=["comfyui", "merged"]']
+    stages.publish(_context(tiny_job, tmp_path / "work", trained_output, overrides=overrides))
+    assert len(_commits(hub)) == 1
+    files = hub.files(REPO)
+    assert {"comfyui/lokr-comfyui.safetensors", "comfyui/export.json", "merged/export.json"} <= set(files)
+    assert "merged/transformer/config.json" in files
+    repo = tmp_path / "repo"
+    for path, data in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(data)
+    adapter = load_file(trained_output / "pytorch_lora_weights.safetensors")
+    comfyui = load_file(repo / "comfyui" / "lokr-comfyui.safetensors")
+    assert len(comfyui) == len(adapter) and all(key.startswith("transformer.") for key in comfyui)
+    AuraFlowTransformer2DModel.from_pretrained(repo / "merged" / "transformer")  # diffusers loads it
+    weights = load_file(repo / "merged" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+
+
 def test_hub_private_false_makes_a_public_repo(
     hub, tiny_job: Path, trained_output: Path, tmp_path: Path
 ) -> None:

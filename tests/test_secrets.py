@@ -14,8 +14,10 @@ from PIL import Image
 from job.cli import main
 from job.config.loader import load_config
 from job.errors import ConfigError, ExitCode
+from job.model.source import local_model_path
 from job.publish.bundle import assemble_hub_folder
 from job.redact import is_secret_name, redact, remember_secrets
+from job.workdir import WorkDir
 
 # Shaped like the real thing (AKIA + 16, 40 base64 characters), so every net is exercised.
 KEY_ID = "AKIAFILEKEY000000001"
@@ -203,9 +205,13 @@ def test_a_whole_run_with_keys_in_the_file_writes_them_nowhere(
     )
 
     # The Hub repo's files exactly as a push lays them out, model card included.
-    assemble_hub_folder(load_config(config), work / "output", tmp_path / "hub-repo")
+    loaded = load_config(config)
+    hub_repo = tmp_path / "hub-repo"
+    assemble_hub_folder(
+        loaded, work / "output", hub_repo, base_model=local_model_path(loaded.job, WorkDir(work))
+    )
 
-    written = [p for root in (work, run, tmp_path / "hub-repo") for p in root.rglob("*") if p.is_file()]
+    written = [p for root in (work, run, hub_repo) for p in root.rglob("*") if p.is_file()]
     names = {p.name for p in written}
     assert {"status.json", "recipe.json", "README.md", "trainer_state.json"} <= names, sorted(names)
     for secret_value in (key_id, secret, HUB):

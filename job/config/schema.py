@@ -148,6 +148,8 @@ class JobConfig(_Strict):
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    # lokr-job's own: the export formats (job.publish.export) pushed beside the adapter, each in a folder.
+    publish_formats: list[Literal["comfyui", "merged"]] = Field(default_factory=list)
     cache_uri: str | None = None
 
     # Memory.

@@ -39,13 +39,15 @@ def require_trained(output: Path, model_type: str) -> None:
     raise ConfigError(f"nothing to publish: {missing}; run lokr-job train first")
 
 
-def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path) -> list[str]:
-    """Lay out the repo's files under ``dest`` (hard links where possible); return their repo paths."""
+def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path, *, base_model: str) -> list[str]:
+    """Lay out the repo's files under ``dest`` (hard links where possible); return their repo paths.
+    ``base_model``: the local base model ``publish_formats`` exports are made from."""
     require_trained(output, cfg.job.model_type)
     if cfg.job.model_type == "full":
         _place_transformer(output, dest)
     else:
         _place_adapter(cfg, output, dest)
+        _place_exports(cfg.job.publish_formats, base_model, output / ADAPTER_FILE, dest)
     images = latest_validation_images(cfg, output)
     for _, _, path in images:
         _place(output / path, dest / path)
@@ -67,6 +69,17 @@ def _place_adapter(cfg: ResolvedConfig, output: Path, dest: Path) -> None:
         write_bytes_atomic(dest / CONFIG_FILE, settings.encode("utf-8"))
     if (output / EMA_FILE).is_file():
         _place(output / EMA_FILE, dest / EMA_FILE)
+
+
+def _place_exports(formats: list[str], base_model: str, adapter: Path, dest: Path) -> None:
+    """Each of ``publish_formats`` in a folder of its own: ``comfyui/``, ``merged/``."""
+    from job.publish.export import export_comfyui, export_merged
+
+    for name in formats:
+        if name == "comfyui":
+            export_comfyui(base_model, adapter, dest / name)
+        else:
+            export_merged(base_model, adapter, dest / name, scale=1.0, dtype="bf16")
 
 
 def _place_transformer(output: Path, dest: Path) -> None:

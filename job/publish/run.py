@@ -16,6 +16,7 @@ from job.config.loader import ResolvedConfig
 from job.context import JobContext
 from job.errors import ConfigError, TransientError
 from job.lease import fence
+from job.model.source import local_model_path
 from job.publish.bundle import assemble_hub_folder, require_trained, trained_step
 from job.storage import join, storage_for
 from job.workdir import WorkDir
@@ -68,7 +69,8 @@ def push_to_hub(cfg: ResolvedConfig, workdir: WorkDir) -> str:
     message = f"lokr-job: {_TRAINED[cfg.job.model_type]} at step {step}"
     # Staged beside the output (same filesystem), so the files are hard links, not copies.
     with tempfile.TemporaryDirectory(dir=workdir.root, prefix=".publish-") as staging:
-        files = assemble_hub_folder(cfg, workdir.output, Path(staging))
+        base_model = local_model_path(cfg.job, workdir)
+        files = assemble_hub_folder(cfg, workdir.output, Path(staging), base_model=base_model)
         HubStorage(private=cfg.job.hub_private).upload_folder(
             staging, repo, commit_message=message, progress=True
         )

@@ -34,8 +34,11 @@ from typing import TYPE_CHECKING
 
 from job.errors import ConfigError
 from job.files import replace_folder, sha256_file
+from job.publish.card import ADAPTER_FILENAME
 
 if TYPE_CHECKING:
+    from diffusers import AuraFlowTransformer2DModel
+
     from job.context import JobContext
 
 log = logging.getLogger("lokr.export")
@@ -86,14 +89,16 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace, ctx: JobContext | None) -> Path:
     """``lokr-job export``: the command line's values, else the config's output and model."""
-    from job.infer import fetched_model
+    from job.model.source import local_model_path
 
     if ctx is not None and ctx.config.job.model_type == "full":
         raise ConfigError(
             "export: a full-rank run's output/transformer/ already is a whole transformer in diffusers' "
             "layout; there is no adapter to merge"
         )
-    base_model = args.base_model or (fetched_model(ctx) if ctx is not None else None)
+    base_model = args.base_model or (
+        local_model_path(ctx.config.job, ctx.workdir) if ctx is not None else None
+    )
     adapter = args.adapter or (ctx.workdir.output if ctx is not None else None)
     if not base_model or adapter is None:
         raise ConfigError("export: pass --config, or --base-model and --adapter")
@@ -111,8 +116,6 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
     """Write ``out/transformer/`` (the merged transformer) and ``out/export.json``; return ``out``."""
     import torch
     from diffusers import AuraFlowTransformer2DModel
-
-    from job.infer import local_adapter, merge_adapter
 
     try:
         transformer = AuraFlowTransformer2DModel.from_pretrained(
@@ -142,8 +145,6 @@ def export_comfyui(base_model: str, adapter: str | Path, out: Path) -> Path:
     """Write ``out/lokr-comfyui.safetensors`` (the adapter, keys for ComfyUI) and ``out/export.json``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from job.infer import local_adapter
 
     names = _linear_module_names(base_model)
     by_lycoris_name = {"lycoris_" + name.replace(".", "_"): name for name in names}
@@ -214,3 +215,46 @@ def _linear_module_names(base_model: str) -> list[str]:
     with torch.device("meta"):
         transformer = AuraFlowTransformer2DModel.from_config(config)
     return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, scale: float) -> None:
+    """Merge a LoKr adapter file (local, its folder, or an ``s3://``/``hf://`` URI) into ``transformer``'s
+    weights at ``scale``: what ``infer`` renders with and ``export --format merged`` writes."""
+    from lycoris import create_lycoris_from_weights
+
+    from job.model.lokr import merge_lokr, reset_lycoris_preset, route_lycoris_logs
+
+    # LyCORIS prints to stdout, where infer and export print their results: into our log instead.
+    route_lycoris_logs()
+    # Module names are matched under LyCORIS's prefix, which a training preset in this process may
+    # have changed.
+    reset_lycoris_preset()
+    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
+        path = local_adapter(str(adapter), Path(scratch))
+        network, _ = create_lycoris_from_weights(scale, str(path), transformer)
+    if not network.loras:
+        raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
+    merge_lokr(network, scale)
+    log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
+
+
+def local_adapter(adapter: str, scratch: Path) -> Path:
+    from job.storage import is_remote, join, storage_for
+    from job.train.output import TRANSFORMER_DIR
+
+    if is_remote(adapter):
+        uri = adapter if adapter.endswith(".safetensors") else join(adapter, ADAPTER_FILENAME)
+        local = scratch / ADAPTER_FILENAME
+        storage_for(uri).download_file(uri, local)
+        return local
+    path = Path(adapter.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        if not (path / ADAPTER_FILENAME).is_file() and (path / TRANSFORMER_DIR / "config.json").is_file():
+            raise ConfigError(
+                f"adapter {adapter!r} holds a full-rank transformer (model_type full), not a LoKr adapter: "
+                "pass it with --transformer"
+            )
+        path = path / ADAPTER_FILENAME
+    if not path.is_file():
+        raise ConfigError(f"adapter {adapter!r}: no such file (give the .safetensors file or its folder)")
+    return path
