@@ -1,7 +1,9 @@
-"""What a run shows while it trains: validation images, TensorBoard events, webhook events, no secrets.
+"""What a run shows while it trains: validation images, CLIP scores, TensorBoard events, webhook events,
+no secrets.
 
-One real ``lokr-job run`` of the tiny job in a subprocess, with a real HTTP webhook receiver, planted
-secrets in its environment, and TensorBoard event files read back with TensorBoard's own reader.
+One real ``lokr-job run`` of the tiny job in a subprocess, with a real HTTP webhook receiver, a tiny CLIP
+model as the evaluation model, planted secrets in its environment, and TensorBoard event files read back
+with TensorBoard's own reader.
 """
 
 import os
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clip_fixtures import write_tiny_clip
 from servers.webhook import WebhookReceiver
 
 SECRETS = {
@@ -24,6 +27,7 @@ def observed_run(
     tiny_job: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, WebhookReceiver, str]:
     workdir = tmp_path_factory.mktemp("observed")
+    clip = write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
     with WebhookReceiver() as receiver:
         overrides = [
             "max_train_steps=4",
@@ -33,6 +37,8 @@ def observed_run(
             "num_eval_images=2",
             "report_to=tensorboard",
             f"webhook_url={receiver.url}",
+            "evaluation_type=clip",
+            f"pretrained_evaluation_model_name_or_path={clip}",
         ]
         command = [sys.executable, "-m", "job", "run", "--config", str(tiny_job), "--workdir", str(workdir)]
         command += [arg for override in overrides for arg in ("--set", override)]
@@ -65,6 +71,26 @@ def test_tensorboard_holds_losses_and_images(observed_run: tuple[Path, WebhookRe
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
     assert {e.step for e in events.Images("validation/validation")} == {2, 4}
+
+
+def test_every_validation_is_clip_scored_in_the_trackers_the_webhook_and_the_log(
+    observed_run: tuple[Path, WebhookReceiver, str],
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, receiver, logs = observed_run
+    events = EventAccumulator(str(workdir / "output" / "logs")).Reload()
+    for tag in ("clip/mean", "clip/min", "clip/max", "clip/std"):
+        assert [e.step for e in events.Scalars(tag)] == [2, 4], tag
+    for step in (2, 4):
+        (mean,) = [e.value for e in events.Scalars("clip/mean") if e.step == step]
+        (low,) = [e.value for e in events.Scalars("clip/min") if e.step == step]
+        (high,) = [e.value for e in events.Scalars("clip/max") if e.step == step]
+        assert 0 <= low <= mean <= high <= 100
+    validations = [body for body in receiver.bodies if body.get("event") == "validation"]
+    assert [body["step"] for body in validations] == [2, 4]
+    assert all(set(body["clip"]) == {"clip/mean", "clip/min", "clip/max", "clip/std"} for body in validations)
+    assert logs.count("evaluation: CLIP score at step") == 2
 
 
 def test_the_webhook_hears_every_event(observed_run: tuple[Path, WebhookReceiver, str]) -> None:
@@ -128,3 +154,32 @@ def test_cached_prompt_embeddings_render_what_the_text_encoder_would(
     )
     for a, b in zip(cached, slices, strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+
+
+def test_an_evaluation_model_that_is_not_there_stops_the_run_before_training(
+    tiny_job: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-clip-here"
+    command = [
+        sys.executable,
+        "-m",
+        "job",
+        "run",
+        "--config",
+        str(tiny_job),
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    command += [
+        "--set",
+        "evaluation_type=clip",
+        "--set",
+        f"pretrained_evaluation_model_name_or_path={missing}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        f"pretrained_evaluation_model_name_or_path '{missing}': no transformers CLIP model there"
+        in result.stderr
+    )
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -137,6 +137,9 @@ class JobConfig(_Strict):
     user_prompt_library: str | None = None
     eval_steps_interval: int | None = Field(default=None, gt=0)
     num_eval_images: int = Field(default=4, gt=0)
+    # SimpleTuner's CLIP score of each validation image against its prompt (job.validate.clip_score).
+    evaluation_type: Literal["none", "clip"] = "none"
+    pretrained_evaluation_model_name_or_path: str = "openai/clip-vit-large-patch14-336"
 
     # Tracking.
     report_to: Literal["tensorboard", "wandb", "none"] = "none"

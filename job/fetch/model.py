@@ -15,6 +15,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 
 from job.config.paths import is_remote
 from job.config.schema import JobConfig
@@ -24,6 +25,18 @@ from job.storage import parse_uri, storage_for
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
+
+_BASE_KEY = "pretrained_model_name_or_path"
+_EVALUATION_KEY = "pretrained_evaluation_model_name_or_path"
+_WHAT = {_BASE_KEY: "base model", _EVALUATION_KEY: "evaluation model"}
+# The file every such model has: a diffusers pipeline's index, a transformers model's config.
+_INDEX = {_BASE_KEY: "model_index.json", _EVALUATION_KEY: "config.json"}
+_EXPECTED = {
+    _BASE_KEY: "no diffusers model there (model_index.json with vae/, text_encoder/, tokenizer/, "
+    "transformer/, scheduler/ holding configs and .safetensors weights)",
+    _EVALUATION_KEY: "no transformers CLIP model there (config.json, the tokenizer and preprocessor files "
+    "and model.safetensors)",
+}
 
 # Configs, tokenizer vocabularies (tokenizer.json, spiece.model, merges.txt) and weights.
 _KEPT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
@@ -65,21 +78,35 @@ def fetch_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> N
         log.info("fetch: base model %s is local; nothing to fetch", source)
 
 
-def _mirror_folder(source: str, workdir: WorkDir, progress: bool) -> None:
+def fetch_evaluation_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> None:
+    """``pretrained_evaluation_model_name_or_path`` (a transformers CLIP model) when ``evaluation_type`` is
+    clip: its config, tokenizer and preprocessor files and safetensors weights, as the base model's."""
+    if job.evaluation_type != "clip":
+        return
+    source = job.pretrained_evaluation_model_name_or_path
+    if is_remote(source):
+        _mirror_folder(source, workdir, progress, key=_EVALUATION_KEY)
+    elif is_hub_repo_id(source):
+        _fetch_hub_repo(source, None, workdir, progress, key=_EVALUATION_KEY)
+    elif (Path(source).expanduser() / "config.json").is_file():
+        log.info("fetch: evaluation model %s is local; nothing to fetch", source)
+    else:
+        raise ConfigError(f"{_EVALUATION_KEY} {source!r}: {_EXPECTED[_EVALUATION_KEY]}")
+
+
+def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, key: str = _BASE_KEY) -> None:
     storage = storage_for(source)
     files = diffusers_files(o.key for o in storage.list(source))
     if not files:
-        raise ConfigError(
-            f"pretrained_model_name_or_path {source}: no diffusers model there (model_index.json with vae/, "
-            "text_encoder/, tokenizer/, transformer/, scheduler/ holding configs and .safetensors weights)"
-        )
+        raise ConfigError(f"{key} {source}: {_EXPECTED[key]}")
     dest = mirror_dir(source, workdir)
     # The exact names as patterns: a model folder holds tens of files, so matching stays cheap.
     report = storage.download_prefix(
         source, dest, progress=progress, allow_patterns=[glob.escape(f) for f in files]
     )
     log.info(
-        "fetch: base model %s → %s (%d files, %d bytes fetched; %d up to date)",
+        "fetch: %s %s → %s (%d files, %d bytes fetched; %d up to date)",
+        _WHAT[key],
         source,
         dest,
         report.transferred,
@@ -88,16 +115,19 @@ def _mirror_folder(source: str, workdir: WorkDir, progress: bool) -> None:
     )
 
 
-def _fetch_hub_repo(repo_id: str, revision: str | None, workdir: WorkDir, progress: bool) -> None:
+def _fetch_hub_repo(
+    repo_id: str, revision: str | None, workdir: WorkDir, progress: bool, *, key: str = _BASE_KEY
+) -> None:
     from job.storage.hub import HubStorage
 
     repo = replace(parse_uri(f"hf://{repo_id}"), revision=revision)
     storage = HubStorage()
     files = diffusers_files(o.key for o in storage.list(repo))
-    if "model_index.json" not in files:
+    index = _INDEX[key]
+    if index not in files:
         raise ConfigError(
-            f"pretrained_model_name_or_path {repo_id}: the Hub repo{f' at {revision}' if revision else ''} "
-            "has no model_index.json: it is not a diffusers pipeline"
+            f"{key} {repo_id}: the Hub repo{f' at {revision}' if revision else ''} has no {index}: "
+            f"{_EXPECTED[key]}"
         )
     folder = storage.download_to_cache(repo, files, workdir.models, progress=progress)
-    log.info("fetch: base model %s → %s (%d files)", repo, folder, len(files))
+    log.info("fetch: %s %s → %s (%d files)", _WHAT[key], repo, folder, len(files))

@@ -1,4 +1,5 @@
-"""``lokr-job fetch``: every remote dataset and the base model into the work directory.
+"""``lokr-job fetch``: every remote dataset, the base model and (``evaluation_type: clip``) the CLIP model
+into the work directory.
 
 The config set was already fetched when the context was opened (``job.config.remote``).
 """
@@ -9,7 +10,7 @@ import logging
 
 from job.context import JobContext
 from job.fetch.datasets import dataset_uri, fetch_dataset
-from job.fetch.model import fetch_model
+from job.fetch.model import fetch_evaluation_model, fetch_model
 
 log = logging.getLogger("lokr")
 
@@ -32,3 +33,4 @@ def fetch_inputs(ctx: JobContext, *, progress: bool = True) -> None:
             report.skipped,
         )
     fetch_model(ctx.config.job, ctx.workdir, progress=progress)
+    fetch_evaluation_model(ctx.config.job, ctx.workdir, progress=progress)

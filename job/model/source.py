@@ -39,40 +39,63 @@ def local_model_path(job: JobConfig, workdir: WorkDir) -> str:
 
     A Hub repo is found in the cache offline; ``ConfigError`` when it, or a URI's mirror, is not there.
     """
-    source = job.model_source
+    return _local_folder(
+        job.model_source,
+        job.revision,
+        workdir,
+        "pretrained_model_name_or_path",
+        "the base model",
+        index_file="model_index.json",  # a diffusers pipeline
+    )
+
+
+def evaluation_model_path(job: JobConfig, workdir: WorkDir) -> str:
+    """The local folder of ``pretrained_evaluation_model_name_or_path`` (the CLIP model), fetched like the
+    base model: a local folder, an ``s3://``/``hf://`` mirror, or a Hub repo in the cache."""
+    return _local_folder(
+        job.pretrained_evaluation_model_name_or_path,
+        None,
+        workdir,
+        "pretrained_evaluation_model_name_or_path",
+        "the evaluation model",
+        index_file="config.json",  # a transformers model
+    )
+
+
+def _local_folder(
+    source: str, revision: str | None, workdir: WorkDir, key: str, what: str, *, index_file: str
+) -> str:
     if is_remote(source):
         folder = mirror_dir(source, workdir)
         if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
-            raise ConfigError(f"the base model {source} has not been fetched to {folder}: run lokr-job fetch")
+            raise ConfigError(f"{what} {source} has not been fetched to {folder}: run lokr-job fetch")
         return str(folder)
     local = Path(source).expanduser()
     if local.is_dir():
         return str(local)
     if is_hub_repo_id(source):
-        return _cached_snapshot(source, job.revision, workdir)
+        return _cached_snapshot(source, revision, workdir, what, index_file)
     raise ConfigError(
-        f"pretrained_model_name_or_path {source!r} is not a local folder, an s3:// or hf:// URI, "
-        "nor a Hub repo id (owner/name)"
+        f"{key} {source!r} is not a local folder, an s3:// or hf:// URI, nor a Hub repo id (owner/name)"
     )
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, workdir: WorkDir) -> str:
+def _cached_snapshot(repo_id: str, revision: str | None, workdir: WorkDir, what: str, index_file: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     missing = ConfigError(
-        f"the base model {repo_id}{f'@{revision}' if revision else ''} is not in {workdir.models}: "
-        "run lokr-job fetch"
+        f"{what} {repo_id}{f'@{revision}' if revision else ''} is not in {workdir.models}: run lokr-job fetch"
     )
     try:
         # Offline, huggingface_hub checks the snapshot holds every file the patterns match; fetch took only
-        # what diffusers loads, so ask for the one file every pipeline has.
+        # what the model loads, so ask for the one file every such model has.
         folder = snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=workdir.models,
             local_files_only=True,
-            allow_patterns=["model_index.json"],
+            allow_patterns=[index_file],
         )
     except LocalEntryNotFoundError:  # IncompleteSnapshotError included
         raise missing from None

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from job.cache.dataset import Batch, TrainingData
     from job.config.loader import ResolvedConfig
     from job.train.loop import StepResult, TrainingRun
+    from job.validate.clip_score import ClipScorer
     from job.validate.render import Adapter
     from job.workdir import WorkDir
 
@@ -70,6 +71,7 @@ class TrainingObserver:
         self.last_validated: int | None = None
         self.last_evaluated: int | None = None
         self._eval_batches: list[Batch] | None = None
+        self._clip: ClipScorer | None = None  # loaded at the first validation that scores
 
     @classmethod
     def for_run(
@@ -208,13 +210,38 @@ class TrainingObserver:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         self.trackers.log_images(step, {p.stem: p for p in paths})
+        clip = self._clip_summary(step, paths) if self.job.evaluation_type == "clip" else None
         self.trackers.flush()
         seconds = time.perf_counter() - started
-        self.webhook.post(
-            "validation",
-            {"step": step, "images": len(paths), "folder": f"validation/step-{step}", "seconds": seconds},
-        )
+        payload = {
+            "step": step,
+            "images": len(paths),
+            "folder": f"validation/step-{step}",
+            "seconds": seconds,
+        }
+        self.webhook.post("validation", payload | ({"clip": clip} if clip else {}))
         return paths
+
+    def _clip_summary(self, step: int, paths: list[Path]) -> dict[str, float]:
+        """CLIP-score the images just rendered (``evaluation_type: clip``); log and track the summary."""
+        from job.model.source import evaluation_model_path
+        from job.validate.clip_score import ClipScorer, summary
+
+        if self._clip is None:
+            self._clip = ClipScorer(evaluation_model_path(self.job, self.workdir), self.device)
+        # render_validation returns the prompts in order, each at every validation size.
+        prompts = [prompt for prompt in self.prompts.values() for _ in self.job.validation_sizes]
+        result = summary(self._clip.scores(dict(zip(paths, prompts, strict=True))))
+        self.trackers.log(step, result)
+        log.info(
+            "evaluation: CLIP score at step %d: mean %.4f, min %.4f, max %.4f over %d images",
+            step,
+            result["clip/mean"],
+            result["clip/min"],
+            result["clip/max"],
+            len(paths),
+        )
+        return result
 
     def _guarded(self, what: str, action: Callable[[], object]) -> None:
         try:

@@ -98,6 +98,11 @@ def train_adapter(
 
 
 def _check_trainable(ctx: JobContext) -> None:
+    if ctx.config.job.evaluation_type == "clip":
+        from job.model.source import evaluation_model_path
+
+        # Before step 1, not at the first validation: scoring there would fail and be logged as a warning.
+        evaluation_model_path(ctx.config.job, ctx.workdir)
     if ctx.config.job.model_type == "full":
         from job.model.deepspeed import require_deepspeed
 
