@@ -1,5 +1,6 @@
-"""A tiny CLIP model built here (random weights, a byte-level vocabulary), saved as a transformers folder:
-what ``pretrained_evaluation_model_name_or_path`` names, without a download."""
+"""Helper models built here, saved as the folders users name, without a download: a tiny CLIP (random
+weights, a byte-level vocabulary) for ``pretrained_evaluation_model_name_or_path`` and a tiny Tiny
+AutoEncoder for ``validation_preview_model``."""
 
 from __future__ import annotations
 
@@ -63,4 +64,22 @@ def write_tiny_clip(folder: Path) -> Path:
         )
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_tae(folder: Path) -> Path:
+    """A tiny diffusers AutoencoderTiny for 4-channel latents, 8× upsampling like taesdxl."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tae = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+            latent_channels=4,
+        )
+    tae.save_pretrained(folder)
     return folder

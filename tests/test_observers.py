@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clip_fixtures import write_tiny_clip
+from clip_fixtures import write_tiny_clip, write_tiny_tae
 from servers.webhook import WebhookReceiver
 
 SECRETS = {
@@ -28,6 +28,7 @@ def observed_run(
 ) -> tuple[Path, WebhookReceiver, str]:
     workdir = tmp_path_factory.mktemp("observed")
     clip = write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+    tae = write_tiny_tae(tmp_path_factory.mktemp("tae") / "tiny-tae")
     with WebhookReceiver() as receiver:
         overrides = [
             "max_train_steps=4",
@@ -39,6 +40,9 @@ def observed_run(
             f"webhook_url={receiver.url}",
             "evaluation_type=clip",
             f"pretrained_evaluation_model_name_or_path={clip}",
+            "validation_preview=true",
+            "validation_num_inference_steps=3",
+            f"validation_preview_model={tae}",
         ]
         command = [sys.executable, "-m", "job", "run", "--config", str(tiny_job), "--workdir", str(workdir)]
         command += [arg for override in overrides for arg in ("--set", override)]
@@ -93,10 +97,35 @@ def test_every_validation_is_clip_scored_in_the_trackers_the_webhook_and_the_log
     assert logs.count("evaluation: CLIP score at step") == 2
 
 
+def test_validation_previews_reach_the_webhook_while_sampling(
+    observed_run: tuple[Path, WebhookReceiver, str],
+) -> None:
+    """Three sampling steps, a preview every step: steps 1 and 2 of each image, before its validation."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    _, receiver, _ = observed_run
+    previews = [body for body in receiver.bodies if body["event"] == "validation_preview"]
+    images = ("validation", "photo", "drawing")
+    expected = [(step, image, n) for step in (2, 4) for image in images for n in (1, 2)]
+    assert sorted((b["step"], b["image"], b["sampling_step"]) for b in previews) == sorted(expected)
+    assert all(body["sampling_steps"] == 3 for body in previews)
+    for body in previews:
+        picture = Image.open(io.BytesIO(base64.b64decode(body["png_base64"])))
+        assert picture.format == "PNG" and picture.size == (64, 64)  # the validation resolution
+        assert "png_base64" not in body["content"]  # the one-line summary leaves the image out
+    order = receiver.events
+    first_validation = order.index("validation")
+    assert order[1:first_validation] == ["validation_preview"] * 6  # as they come, before the images
+
+
 def test_the_webhook_hears_every_event(observed_run: tuple[Path, WebhookReceiver, str]) -> None:
     _, receiver, _ = observed_run
     # Validation runs in the step's observer call, before that step's checkpoint is saved.
-    assert receiver.events == ["start", "validation", "checkpoint", "validation", "checkpoint", "finish"]
+    events = [event for event in receiver.events if event != "validation_preview"]
+    assert events == ["start", "validation", "checkpoint", "validation", "checkpoint", "finish"]
     start = receiver.bodies[0]
     assert start["total_steps"] == 4 and "lokr-job" in start["content"]
 
@@ -156,10 +185,21 @@ def test_cached_prompt_embeddings_render_what_the_text_encoder_would(
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
 
 
-def test_an_evaluation_model_that_is_not_there_stops_the_run_before_training(
-    tiny_job: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("key", "switch", "expected"),
+    [
+        (
+            "pretrained_evaluation_model_name_or_path",
+            "evaluation_type=clip",
+            "no transformers CLIP model there",
+        ),
+        ("validation_preview_model", "validation_preview=true", "no diffusers AutoencoderTiny there"),
+    ],
+)
+def test_a_helper_model_that_is_not_there_stops_the_run_before_training(
+    tiny_job: Path, tmp_path: Path, key: str, switch: str, expected: str
 ) -> None:
-    missing = tmp_path / "no-clip-here"
+    missing = tmp_path / "not-here"
     command = [
         sys.executable,
         "-m",
@@ -170,16 +210,9 @@ def test_an_evaluation_model_that_is_not_there_stops_the_run_before_training(
         "--workdir",
         str(tmp_path / "w"),
     ]
-    command += [
-        "--set",
-        "evaluation_type=clip",
-        "--set",
-        f"pretrained_evaluation_model_name_or_path={missing}",
-    ]
+    settings = [switch, f"{key}={missing}", "webhook_url=http://127.0.0.1:9/hook"]
+    command += [arg for setting in settings for arg in ("--set", setting)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert (
-        f"pretrained_evaluation_model_name_or_path '{missing}': no transformers CLIP model there"
-        in result.stderr
-    )
+    assert f"{key} '{missing}': {expected}" in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()

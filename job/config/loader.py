@@ -138,7 +138,8 @@ def load_config(
     known = set(JobConfig.model_fields)
     _screen_keys(raw, known, simpletuner.options().config, config_path, problems)
     files = _resolve_files(raw, config_path, problems, remote_origin)
-    for key in ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri"):
+    local_or_remote = ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri")
+    for key in (*local_or_remote, "pretrained_evaluation_model_name_or_path", "validation_preview_model"):
         if isinstance(raw.get(key), str) and raw[key]:
             origin = remote_origin if key == "pretrained_model_name_or_path" else None
             raw[key] = _resolve_model_or_path(raw[key], config_path, origin)
@@ -148,6 +149,12 @@ def load_config(
             config_path,
             f"flow_schedule_shift: {job.flow_schedule_shift:g} is not used because flow_schedule_auto_shift is "
             "true and picks the shift from each image's size, as SimpleTuner does; remove one of the two",
+        )
+    if job is not None and job.validation_preview and not job.webhook_url:
+        problems.warn(
+            config_path,
+            "validation_preview: previews are posted to the webhook, and webhook_url is not set: no previews "
+            "(as SimpleTuner, which turns them off then)",
         )
 
     datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems, remote_origin)

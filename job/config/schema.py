@@ -140,6 +140,11 @@ class JobConfig(_Strict):
     # SimpleTuner's CLIP score of each validation image against its prompt (job.validate.clip_score).
     evaluation_type: Literal["none", "clip"] = "none"
     pretrained_evaluation_model_name_or_path: str = "openai/clip-vit-large-patch14-336"
+    # SimpleTuner's previews: intermediate latents decoded with a Tiny AutoEncoder and posted to the webhook.
+    validation_preview: bool = False
+    validation_preview_steps: int = Field(default=1, gt=0)
+    # lokr-job's own: which Tiny AutoEncoder (SimpleTuner's fixed choice for AuraFlow's SDXL latent space).
+    validation_preview_model: str = "madebyollin/taesdxl"
 
     # Tracking.
     report_to: Literal["tensorboard", "wandb", "none"] = "none"

@@ -28,14 +28,16 @@ log = logging.getLogger("lokr")
 
 _BASE_KEY = "pretrained_model_name_or_path"
 _EVALUATION_KEY = "pretrained_evaluation_model_name_or_path"
-_WHAT = {_BASE_KEY: "base model", _EVALUATION_KEY: "evaluation model"}
-# The file every such model has: a diffusers pipeline's index, a transformers model's config.
-_INDEX = {_BASE_KEY: "model_index.json", _EVALUATION_KEY: "config.json"}
+_PREVIEW_KEY = "validation_preview_model"
+_WHAT = {_BASE_KEY: "base model", _EVALUATION_KEY: "evaluation model", _PREVIEW_KEY: "preview decoder"}
+# The file every such model has: a diffusers pipeline's index, a model's config.
+_INDEX = {_BASE_KEY: "model_index.json", _EVALUATION_KEY: "config.json", _PREVIEW_KEY: "config.json"}
 _EXPECTED = {
     _BASE_KEY: "no diffusers model there (model_index.json with vae/, text_encoder/, tokenizer/, "
     "transformer/, scheduler/ holding configs and .safetensors weights)",
     _EVALUATION_KEY: "no transformers CLIP model there (config.json, the tokenizer and preprocessor files "
     "and model.safetensors)",
+    _PREVIEW_KEY: "no diffusers AutoencoderTiny there (config.json and diffusion_pytorch_model.safetensors)",
 }
 
 # Configs, tokenizer vocabularies (tokenizer.json, spiece.model, merges.txt) and weights.
@@ -78,20 +80,24 @@ def fetch_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> N
         log.info("fetch: base model %s is local; nothing to fetch", source)
 
 
-def fetch_evaluation_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> None:
-    """``pretrained_evaluation_model_name_or_path`` (a transformers CLIP model) when ``evaluation_type`` is
-    clip: its config, tokenizer and preprocessor files and safetensors weights, as the base model's."""
-    if job.evaluation_type != "clip":
-        return
-    source = job.pretrained_evaluation_model_name_or_path
-    if is_remote(source):
-        _mirror_folder(source, workdir, progress, key=_EVALUATION_KEY)
-    elif is_hub_repo_id(source):
-        _fetch_hub_repo(source, None, workdir, progress, key=_EVALUATION_KEY)
-    elif (Path(source).expanduser() / "config.json").is_file():
-        log.info("fetch: evaluation model %s is local; nothing to fetch", source)
-    else:
-        raise ConfigError(f"{_EVALUATION_KEY} {source!r}: {_EXPECTED[_EVALUATION_KEY]}")
+def fetch_helper_models(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> None:
+    """The models besides the base model that the config asks for, as the base model is fetched: the CLIP
+    model (``evaluation_type: clip``) and the Tiny AutoEncoder (``validation_preview``)."""
+    wanted = {
+        _EVALUATION_KEY: (job.evaluation_type == "clip", job.pretrained_evaluation_model_name_or_path),
+        _PREVIEW_KEY: (job.validation_preview, job.validation_preview_model),
+    }
+    for key, (needed, source) in wanted.items():
+        if not needed:
+            continue
+        if is_remote(source):
+            _mirror_folder(source, workdir, progress, key=key)
+        elif is_hub_repo_id(source):
+            _fetch_hub_repo(source, None, workdir, progress, key=key)
+        elif (Path(source).expanduser() / _INDEX[key]).is_file():
+            log.info("fetch: %s %s is local; nothing to fetch", _WHAT[key], source)
+        else:
+            raise ConfigError(f"{key} {source!r}: {_EXPECTED[key]}")
 
 
 def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, key: str = _BASE_KEY) -> None:

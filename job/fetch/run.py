@@ -1,5 +1,6 @@
-"""``lokr-job fetch``: every remote dataset, the base model and (``evaluation_type: clip``) the CLIP model
-into the work directory.
+"""``lokr-job fetch``: every remote dataset, the base model and the helper models the config asks for (the
+CLIP model of ``evaluation_type: clip``, the Tiny AutoEncoder of ``validation_preview``) into the work
+directory.
 
 The config set was already fetched when the context was opened (``job.config.remote``).
 """
@@ -10,7 +11,7 @@ import logging
 
 from job.context import JobContext
 from job.fetch.datasets import dataset_uri, fetch_dataset
-from job.fetch.model import fetch_evaluation_model, fetch_model
+from job.fetch.model import fetch_helper_models, fetch_model
 
 log = logging.getLogger("lokr")
 
@@ -33,4 +34,4 @@ def fetch_inputs(ctx: JobContext, *, progress: bool = True) -> None:
             report.skipped,
         )
     fetch_model(ctx.config.job, ctx.workdir, progress=progress)
-    fetch_evaluation_model(ctx.config.job, ctx.workdir, progress=progress)
+    fetch_helper_models(ctx.config.job, ctx.workdir, progress=progress)

@@ -62,6 +62,18 @@ def evaluation_model_path(job: JobConfig, workdir: WorkDir) -> str:
     )
 
 
+def preview_model_path(job: JobConfig, workdir: WorkDir) -> str:
+    """The local folder of ``validation_preview_model`` (the Tiny AutoEncoder), fetched like the base model."""
+    return _local_folder(
+        job.validation_preview_model,
+        None,
+        workdir,
+        "validation_preview_model",
+        "the preview decoder",
+        index_file="config.json",  # a diffusers model
+    )
+
+
 def _local_folder(
     source: str, revision: str | None, workdir: WorkDir, key: str, what: str, *, index_file: str
 ) -> str:

@@ -1,4 +1,5 @@
-"""Run events (start, checkpoint, validation, finish, failure) as JSON POSTs to ``webhook_url``.
+"""Run events (start, checkpoint, validation and its previews, finish, failure) as JSON POSTs to
+``webhook_url``.
 
 A webhook is a convenience, never a reason to stop training: every failure ends as one warning. Server
 errors, 429 and network trouble are retried a few times with a short backoff; other 4xx answers are not
@@ -23,7 +24,7 @@ from job.redact import redact
 
 log = logging.getLogger("lokr.webhook")
 
-Event = Literal["start", "checkpoint", "validation", "finish", "failure"]
+Event = Literal["start", "checkpoint", "validation", "validation_preview", "finish", "failure"]
 
 
 class Webhook:
@@ -111,7 +112,7 @@ def _summary(run_name: str | None, event: str, payload: Mapping[str, Any]) -> st
     facts = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
         for k, v in payload.items()
-        if isinstance(v, str | int | float)
+        if isinstance(v, str | int | float) and not k.endswith("_base64")  # an image is no summary
     )
     head = f"lokr-job {run_name}: {event}" if run_name else f"lokr-job: {event}"
     return f"{head} ({facts})" if facts else head

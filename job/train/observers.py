@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from job.config.loader import ResolvedConfig
     from job.train.loop import StepResult, TrainingRun
     from job.validate.clip_score import ClipScorer
+    from job.validate.preview import Previewer, StepCallback
     from job.validate.render import Adapter
     from job.workdir import WorkDir
 
@@ -72,6 +73,7 @@ class TrainingObserver:
         self.last_evaluated: int | None = None
         self._eval_batches: list[Batch] | None = None
         self._clip: ClipScorer | None = None  # loaded at the first validation that scores
+        self._previewer: Previewer | None = None  # loaded at the first validation that previews
 
     @classmethod
     def for_run(
@@ -204,6 +206,7 @@ class TrainingObserver:
                 self.validation_dir,
                 embeddings=self.data.sample_embedding if cached else None,
                 adapter=self.adapter,
+                preview=self._previews(step),
             )
         finally:
             del pipeline
@@ -221,6 +224,21 @@ class TrainingObserver:
         }
         self.webhook.post("validation", payload | ({"clip": clip} if clip else {}))
         return paths
+
+    def _previews(self, step: int) -> Callable[[str], StepCallback] | None:
+        """Validation previews of this step's images (``validation_preview``, posted to the webhook)."""
+        if not (self.job.validation_preview and self.webhook.url):
+            return None
+        from job.model.source import preview_model_path
+        from job.validate.preview import Previewer
+
+        if self._previewer is None:
+            folder = preview_model_path(self.job, self.workdir)
+            self._previewer = Previewer(
+                folder, self.device, self.webhook, every=self.job.validation_preview_steps
+            )
+        previewer, total = self._previewer, self.job.validation_num_inference_steps
+        return lambda image: previewer.callback(step, image, total)
 
     def _clip_summary(self, step: int, paths: list[Path]) -> dict[str, float]:
         """CLIP-score the images just rendered (``evaluation_type: clip``); log and track the summary."""

@@ -103,6 +103,10 @@ def _check_trainable(ctx: JobContext) -> None:
 
         # Before step 1, not at the first validation: scoring there would fail and be logged as a warning.
         evaluation_model_path(ctx.config.job, ctx.workdir)
+    if ctx.config.job.validation_preview and ctx.config.job.webhook_url:
+        from job.model.source import preview_model_path
+
+        preview_model_path(ctx.config.job, ctx.workdir)
     if ctx.config.job.model_type == "full":
         from job.model.deepspeed import require_deepspeed
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
 
     from job.config.schema import JobConfig
+    from job.validate.preview import StepCallback
 
 log = logging.getLogger("lokr.validate")
 
@@ -78,6 +79,7 @@ def render_validation(
     *,
     embeddings: EmbeddingLookup | None = None,
     adapter: Adapter | None = None,
+    preview: Callable[[str], StepCallback] | None = None,
 ) -> list[Path]:
     """Render every prompt at every ``validation_resolution`` into ``out_dir/step-<step>/``.
 
@@ -88,6 +90,8 @@ def render_validation(
     ``adapter`` (the LoKr being trained) renders at ``validation_lycoris_strength`` and gets its own
     multiplier back afterwards, as SimpleTuner's validation sets it (simpletuner/helpers/training/
     validation.py, ``setup_pipeline``): the weights, and so the saved adapter, are untouched.
+    ``preview`` gives, for an image's file stem, the sampling callback that previews it
+    (``job.validate.preview``).
     """
     import torch
 
@@ -106,8 +110,17 @@ def render_validation(
         ):
             for nickname, prompt in prompts.items():
                 for width, height in sizes:
+                    name = f"{nickname}-{width}x{height}.png" if len(sizes) > 1 else f"{nickname}.png"
                     # A CPU generator gives the same starting noise on every device.
                     generator = torch.Generator("cpu").manual_seed(job.validation_seed)
+                    previews = (
+                        {
+                            "callback_on_step_end": preview(Path(name).stem),
+                            "callback_on_step_end_tensor_inputs": ["latents"],
+                        }
+                        if preview is not None
+                        else {}
+                    )
                     image = pipeline(
                         **_prompt_arguments(prompt, job.validation_negative_prompt, embeddings),
                         num_inference_steps=job.validation_num_inference_steps,
@@ -118,8 +131,8 @@ def render_validation(
                         # Training embedded prompts padded to this length, and AuraFlow's transformer
                         # has no text mask: the padding length changes the image.
                         max_sequence_length=job.max_token_length,
+                        **previews,
                     ).images[0]
-                    name = f"{nickname}-{width}x{height}.png" if len(sizes) > 1 else f"{nickname}.png"
                     image.save(folder / name)
                     paths.append(folder / name)
     finally:
