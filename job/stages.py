@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from job import distributed
 from job.context import JobContext
+from job.errors import ConfigError
 
 if TYPE_CHECKING:
     from job.recipe import RecipeChange
@@ -30,6 +31,13 @@ def preflight(ctx: JobContext, command: str) -> None:
 
     if command in SIZED:
         require_model_sizes(ctx)
+    if command in ("run", "train"):
+        from job.model.transformer import precision_problem
+
+        # A precision this machine cannot run is found before anything is fetched or warmed.
+        problem = precision_problem(ctx.config.job.base_model_precision)
+        if problem is not None:
+            raise ConfigError(problem)
     if command == "publish":
         from job.publish.bundle import require_trained
 

@@ -1,6 +1,8 @@
 """``lokr-job check``: census, estimates, every problem at once, exit codes, ``--json``, access probes."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,45 @@ def test_a_read_only_hub_token_cannot_push(tiny_job: Path, tmp_path: Path, hub) 
     report = build_report(open_context(str(tiny_job), tmp_path / "work", None, overrides))
     assert report.exit_code == ExitCode.NO_PERMISSION
     assert any("read-only" in message for _, message in report.problems)
+
+
+@pytest.mark.parametrize(
+    ("precision", "bytes_per_weight"), [("int8-torchao", 1.0), ("fp8-torchao", 1.0), ("nf4-bnb", 0.5625)]
+)
+def test_every_precision_has_a_vram_estimate_marked_unmeasured(
+    tiny_job: Path, precision: str, bytes_per_weight: float
+) -> None:
+    config, source = transformer_config(None)
+    bf16 = vram_estimate(load_config(tiny_job, ["base_model_precision=bf16"]), config, source, (1024, 1024))
+    quantized = vram_estimate(
+        load_config(tiny_job, [f"base_model_precision={precision}"]), config, source, (1024, 1024)
+    )
+    assert quantized.unmeasured_precision == precision
+    assert bf16.unmeasured_precision is None
+    # Linear weights shrink from bf16's 2 bytes to bytes_per_weight; the rest (about 1%) stays bf16.
+    assert quantized.weights_bytes == pytest.approx(bf16.weights_bytes * bytes_per_weight / 2, rel=0.02)
+
+
+def test_check_accepts_a_gpu_only_precision_that_run_refuses_here(tiny_job: Path, tmp_path: Path) -> None:
+    """check plans for the machine the job will run on; run on this CPU machine refuses before fetching."""
+    settings = ("--set", "base_model_precision=fp8-torchao")
+    checked = _check(tiny_job, "--workdir", str(tmp_path / "w"), *settings)
+    assert checked.returncode == ExitCode.OK, checked.stderr[-2000:]
+    assert "peak VRAM (estimate, fp8-torchao not yet measured on a GPU)" in checked.stdout
+    command = [
+        sys.executable,
+        "-m",
+        "job",
+        "run",
+        "--config",
+        str(tiny_job),
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    ran = subprocess.run([*command, *settings], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == ExitCode.BAD_CONFIG
+    assert (
+        "fp8-torchao: torchao's float8 weight-only kernels need an NVIDIA GPU of compute capability 8.9"
+        in ran.stderr
+    )
+    assert not (tmp_path / "w" / "cache").exists()  # nothing was fetched or warmed

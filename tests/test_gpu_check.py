@@ -85,7 +85,8 @@ def test_a_row_counts_once_lokr_job_accepts_its_precision():
     assert supported_precisions() == accepted
     for row in ROWS:
         reason = skip_reason(row, accepted, cuda=True)
-        assert (reason is None) == (row.precision in accepted), row.key
+        # nf4-bnb is applied while loading a model folder, which the rows' in-memory weights never are.
+        assert (reason is None) == (row.precision in accepted and row.precision != "nf4-bnb"), row.key
     torchao = next(r for r in ROWS if r.key == "int8-torchao")
     assert skip_reason(torchao, (*accepted, "int8-torchao"), cuda=True) is None
     assert "not available yet" in skip_reason(torchao, ("bf16",), cuda=True)
@@ -172,7 +173,7 @@ def test_the_dry_run_prints_every_row_with_figures_or_a_reason(tmp_path):
             assert f"| ok | {row['step_s']:.3f} ({DRY_RUN.steps}) |" in line
         else:
             assert row["status"] == "skipped", row
-            assert row["reason"].startswith(("needs CUDA", "not available yet")), row
+            assert row["reason"].startswith(("needs CUDA", "not available yet", "not measured here")), row
             assert f"| skipped: {row['reason']} |" in line
     assert {row["key"] for row in data["rows"] if row["status"] == "ok"} >= {"bf16", "int8-disk"}
     tiny = data["tiny_job"]

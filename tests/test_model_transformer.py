@@ -104,3 +104,48 @@ def test_int8_quanto_then_lokr_trains_the_adapter_in_bypass_mode(via):
     grads = [p.grad for p in network.parameters()]
     assert all(g is not None for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_int8_torchao_then_lokr_trains_the_adapter_alone():
+    """torchao keeps nn.Linear with an int8 tensor as its weight: the LoKr runs in bypass mode beside it."""
+    from torchao.quantization import Int8Tensor
+
+    job = _job(base_model_precision="int8-torchao")
+    transformer = prepare_base_model(_transformer(), job, CPU)
+    assert isinstance(transformer.joint_transformer_blocks[0].attn.to_q.weight, Int8Tensor)
+    network = attach_lokr(transformer, LYCORIS, seed=0)
+    assert all(lora.bypass_mode for lora in network.loras)
+    network.requires_grad_(True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 8, 8, generator=generator).bfloat16(),
+        "encoder_hidden_states": torch.randn(2, 8, 32, generator=generator).bfloat16(),
+        "timestep": torch.tensor([0.3, 0.7]),
+    }
+    target = torch.randn(2, 4, 8, 8, generator=generator).bfloat16()
+    losses = []
+    for _ in range(8):
+        loss = (transformer(**inputs).sample.float() - target.float()).pow(2).mean()
+        loss.backward()
+        assert all(p.grad is None for p in transformer.parameters())  # gradients reach the adapter only
+        assert all(p.grad is not None for p in network.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("precision", ["fp8-torchao", "nf4-bnb"])
+def test_gpu_only_precisions_name_what_this_machine_lacks(precision):
+    from job.model.transformer import precision_problem
+
+    problem = precision_problem(precision)
+    assert problem is not None and precision in problem
+    assert "int8-quanto" in problem  # what to use here instead
+    assert precision_problem("int8-torchao") is None
+
+
+def test_fp8_quanto_is_refused_with_simpletuners_reason():
+    with pytest.raises(ValueError, match="AuraFlow does not support fp8-quanto; use fp8-torchao"):
+        _job(base_model_precision="fp8-quanto")

@@ -50,3 +50,23 @@ def test_stop_hooks_resume_and_guard_rails(tiny_job: Path, workdir: Path):
         train_adapter(
             _context(tiny_job, workdir, "max_train_steps=6", "resume_from_checkpoint=checkpoint-12")
         )
+
+
+def test_an_int8_torchao_run_ends_with_an_adapter_and_resumes_to_the_same_bytes(
+    tiny_job: Path, workdir: Path, tmp_path: Path
+):
+    """The caches are the module's warmed ones; each run trains into a work directory of its own."""
+    import shutil
+
+    runs = {}
+    for name in ("straight", "resumed"):
+        folder = tmp_path / name
+        shutil.copytree(workdir / "cache", folder / "cache")
+        runs[name] = _context(tiny_job, folder, "max_train_steps=4", "base_model_precision=int8-torchao")
+    train_adapter(runs["straight"])
+    answers = iter([False, False, True])
+    with pytest.raises(TransientError, match="stopped early at step 2"):
+        train_adapter(runs["resumed"], should_stop=lambda: next(answers))
+    train_adapter(runs["resumed"])
+    straight = (tmp_path / "straight" / "output" / ADAPTER_FILE).read_bytes()
+    assert (tmp_path / "resumed" / "output" / ADAPTER_FILE).read_bytes() == straight

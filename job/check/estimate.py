@@ -36,6 +36,15 @@ _RUNTIME_OVERHEAD = 1.5 * GIB
 # fp32 master weight and two Adam moments per trained parameter, as ZeRO's mixed precision keeps them.
 _FULL_RANK_OPTIMIZER_BYTES = 12
 # Optimizer state tensors per adapter parameter (fp32 unless the optimizer says otherwise).
+_QUANTIZED_LINEAR_BYTES = {
+    "int8-quanto": 1.0,
+    "int4-quanto": 0.5,
+    "int8-torchao": 1.0,
+    "fp8-torchao": 1.0,
+    "nf4-bnb": 0.5 + 4 / 64,
+}
+# Precisions no GPU run has measured yet (scripts/gpu_check measures each when a GPU is lent).
+_UNMEASURED = frozenset({"int8-torchao", "fp8-torchao", "nf4-bnb"})
 _OPTIMIZER_STATES = {
     "adamw": 2,
     "adamw_bf16": 2,
@@ -69,6 +78,8 @@ class VramEstimate:
     bucket: tuple[int, int]  # the largest bucket: activations grow with it
     parameters_from: str  # the config the parameters were counted from
     training: str = "LoKr"  # what trains: "LoKr", or "full-rank, ZeRO-<stage> over <N> GPU(s)"
+    # Set when the weights' precision has not been measured on a GPU yet (its bytes a weight are reasoned).
+    unmeasured_precision: str | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -128,9 +139,10 @@ def vram_estimate(
     from job.model.transformer import load_dtype
 
     # The weights stay in the dtype training loads them in, except quantized Linear weights: one byte
-    # (int8) or half of one (int4; scales are negligible).
+    # (int8, fp8) or half of one (int4; scales are negligible), and nf4's half a byte plus its fp32 scale per
+    # 64 weights. Not yet measured on a GPU for the torchao and bitsandbytes precisions.
     loaded = load_dtype(job).itemsize
-    linear_bytes = {"int8-quanto": 1.0, "int4-quanto": 0.5}.get(job.base_model_precision, loaded)
+    linear_bytes = _QUANTIZED_LINEAR_BYTES.get(job.base_model_precision, loaded)
     weight_bytes = linear_bytes * counts.linear_weights + loaded * (counts.total - counts.linear_weights)
     blocks = counts.blocks or 1
     if job.enable_group_offload:
@@ -155,6 +167,7 @@ def vram_estimate(
         overhead_bytes=int(_RUNTIME_OVERHEAD),
         bucket=bucket,
         parameters_from=source,
+        unmeasured_precision=job.base_model_precision if job.base_model_precision in _UNMEASURED else None,
     )
 
 

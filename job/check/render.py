@@ -47,8 +47,13 @@ def render_text(report: CheckReport) -> str:
         )
     if report.vram is not None:
         v = report.vram
+        estimate = (
+            f"estimate, {v.unmeasured_precision} not yet measured on a GPU"
+            if v.unmeasured_precision
+            else "estimate"
+        )
         lines += [
-            f"peak VRAM (estimate): {v.peak_bytes / GIB:.1f} GiB at bucket {v.bucket[0]}x{v.bucket[1]}",
+            f"peak VRAM ({estimate}): {v.peak_bytes / GIB:.1f} GiB at bucket {v.bucket[0]}x{v.bucket[1]}",
             f"  transformer {_count(v.parameters)} parameters (from {v.parameters_from}): "
             f"{_size(v.weights_bytes)} resident",
             f"  {v.training}: {_count(v.adapter_parameters)} parameters trained, "

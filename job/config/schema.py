@@ -13,7 +13,10 @@ from job.config.optimizer_config import parse_optimizer_config
 
 Optimizer = Literal["adamw", "adamw_bf16", "optimi-lion", "optimi-adamw", "bnb-lion8bit-paged", "prodigy"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "polynomial", "linear"]
-Precision = Literal["no_change", "bf16", "int8-quanto", "int4-quanto"]
+Precision = Literal[
+    "no_change", "bf16", "int8-quanto", "int4-quanto", "int8-torchao", "fp8-torchao", "nf4-bnb"
+]
+QUANTIZED_PRECISIONS = ("int8-quanto", "int4-quanto", "int8-torchao", "fp8-torchao", "nf4-bnb")
 ResolutionType = Literal["pixel", "pixel_area", "area"]
 
 
@@ -178,6 +181,17 @@ class JobConfig(_Strict):
         # A step number may arrive as a JSON number (--set resume_from_checkpoint=16).
         return str(value) if isinstance(value, int) else value
 
+    @field_validator("base_model_precision", mode="before")
+    @classmethod
+    def _no_fp8_quanto(cls, value: object) -> object:
+        if value == "fp8-quanto":
+            # SimpleTuner's AuraFlow model refuses it too (simpletuner/helpers/models/auraflow/model.py).
+            raise ValueError(
+                "AuraFlow does not support fp8-quanto; use fp8-torchao or an int8 precision (int8-quanto, "
+                "int8-torchao) instead"
+            )
+        return value
+
     @field_validator("validation_step_interval", mode="before")
     @classmethod
     def _zero_is_never(cls, value: object) -> object:
@@ -223,6 +237,11 @@ class JobConfig(_Strict):
             problems.append("lycoris_config is required when model_type is lora (lora_type lycoris)")
         if self.model_type == "full":
             problems += self._full_rank_problems()
+        if self.enable_group_offload and self.base_model_precision == "nf4-bnb":
+            problems.append(
+                "enable_group_offload cannot move nf4-bnb weights (bitsandbytes keeps them on the GPU it "
+                "quantized them on): use int8-quanto or int8-torchao with group offload"
+            )
         if self.enable_group_offload and self.enable_model_cpu_offload:
             problems.append(
                 "enable_group_offload and enable_model_cpu_offload cannot be combined: keep one "
@@ -259,7 +278,7 @@ class JobConfig(_Strict):
                 "model_type full trains all 6.8B weights: set deepspeed_config to a DeepSpeed ZeRO stage 2 or 3 "
                 "JSON (docs/config.md), or train a LoKr with model_type lora"
             )
-        if self.base_model_precision in ("int8-quanto", "int4-quanto"):
+        if self.base_model_precision in QUANTIZED_PRECISIONS:
             problems.append(
                 f"base_model_precision {self.base_model_precision} cannot be trained full-rank (quantized weights "
                 "have no gradients): use bf16, or model_type lora"

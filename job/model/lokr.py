@@ -59,6 +59,9 @@ def attach_lokr(transformer: torch.nn.Module, config: LycorisConfig, *, seed: in
     """Wrap the transformer's modules with LoKr and return the network (its parameters are the trainable ones).
 
     The transformer must already be cast, quantized and frozen. The initial weights are a function of ``seed``.
+    With torchao-quantized weights the LoKr runs in bypass mode (its output added to the layer's, not its
+    change to the layer's weight, which a quantized tensor cannot take): torchao keeps ``nn.Linear`` as the
+    module, so LyCORIS does not switch to bypass itself as it does for quanto's and bitsandbytes' layers.
     """
     from lycoris import LycorisNetwork, create_lycoris
 
@@ -78,6 +81,7 @@ def attach_lokr(transformer: torch.nn.Module, config: LycorisConfig, *, seed: in
             linear_alpha=config.linear_alpha,
             algo=config.algo,
             factor=config.factor,
+            **({"bypass_mode": True} if _has_wrapped_weights(transformer) else {}),
             **extra,
         )
     if not network.loras:
@@ -89,6 +93,17 @@ def attach_lokr(transformer: torch.nn.Module, config: LycorisConfig, *, seed: in
     parameters = sum(p.numel() for p in network.parameters())
     log.info("LoKr: %d modules wrapped, %s trainable parameters", len(network.loras), f"{parameters:,}")
     return network
+
+
+def _has_wrapped_weights(transformer: torch.nn.Module) -> bool:
+    """Whether a Linear weight is a tensor subclass (torchao's quantized tensors) rather than a plain one."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return any(
+        is_traceable_wrapper_subclass(module.weight)
+        for module in transformer.modules()
+        if isinstance(module, torch.nn.Linear)
+    )
 
 
 def route_lycoris_logs() -> None:

@@ -23,20 +23,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("lokr")
 
 QUANTO_PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
+# torchao's weight-only configs: int8 runs anywhere, float8 needs fp8 tensor cores (compute capability 8.9+).
+TORCHAO_PRECISIONS = {"int8-torchao": "Int8WeightOnlyConfig", "fp8-torchao": "Float8WeightOnlyConfig"}
+_FP8_CAPABILITY = (8, 9)
 
 
-def load_transformer(folder: str | Path, *, dtype: torch.dtype | None = None) -> AuraFlowTransformer2DModel:
+def load_transformer(
+    folder: str | Path, *, dtype: torch.dtype | None = None, precision: str = "no_change"
+) -> AuraFlowTransformer2DModel:
     """Load the transformer from a local diffusers folder: a pipeline's (``transformer/`` inside) or its own.
 
     ``job.model.source.local_model_path`` says which folder: training never downloads (``fetch`` does).
+    ``precision`` nf4-bnb is applied while loading (diffusers' ``BitsAndBytesConfig``: the weights are
+    quantized as they reach the GPU); the others by ``prepare_base_model``.
     """
     from diffusers import AuraFlowTransformer2DModel
 
     folder = Path(folder).expanduser()
     own = not (folder / "transformer").is_dir() and (folder / "config.json").is_file()
+    quantization = {"quantization_config": _nf4_config()} if precision == "nf4-bnb" else {}
     try:
         return AuraFlowTransformer2DModel.from_pretrained(
-            folder, subfolder=None if own else "transformer", torch_dtype=dtype, local_files_only=True
+            folder,
+            subfolder=None if own else "transformer",
+            torch_dtype=dtype,
+            local_files_only=True,
+            **quantization,
         )
     except OSError as exc:
         # diffusers reports a missing model and an unreadable file alike; the latter is access (exit 4).
@@ -77,7 +89,11 @@ def prepare_base_model(
         if job.quantize_via == "accelerator" and move:
             transformer.to(device)
         _quantize(transformer, QUANTO_PRECISIONS[precision])
-    if move:
+    elif precision in TORCHAO_PRECISIONS:
+        if job.quantize_via == "accelerator" and move:
+            transformer.to(device)
+        _quantize_torchao(transformer, TORCHAO_PRECISIONS[precision])
+    if move and precision != "nf4-bnb":  # bitsandbytes placed its 4-bit weights while loading
         transformer.to(device)
     if job.gradient_checkpointing:
         enable_block_checkpointing(transformer, job.gradient_checkpointing_interval)
@@ -93,3 +109,54 @@ def _quantize(transformer: torch.nn.Module, weights: str) -> None:
     # freeze() leaves the quantized weights with requires_grad=True, and backward then breaks.
     transformer.requires_grad_(False)
     log.info("quantized the transformer's weights to %s (optimum-quanto)", weights)
+
+
+def _quantize_torchao(transformer: torch.nn.Module, config_name: str) -> None:
+    import torchao.quantization
+
+    torchao.quantization.quantize_(transformer, getattr(torchao.quantization, config_name)())
+    transformer.requires_grad_(False)
+    log.info("quantized the transformer's weights with torchao's %s", config_name)
+
+
+def _nf4_config() -> object:
+    import torch
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
+def precision_problem(precision: str) -> str | None:
+    """Why ``base_model_precision`` cannot run on this machine, or None. ``check`` accepts every precision
+    (it plans for the machine the job will run on); ``run`` and ``train`` refuse with this reason."""
+    import importlib.util
+
+    import torch
+
+    if precision == "fp8-torchao":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= _FP8_CAPABILITY:
+            return None
+        here = (
+            f"{torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+            if torch.cuda.is_available()
+            else "no CUDA GPU"
+        )
+        return (
+            "base_model_precision fp8-torchao: torchao's float8 weight-only kernels need an NVIDIA GPU of compute "
+            f"capability 8.9 or newer (Ada: L4, L40S, RTX 4090; Hopper: H100, H200), and this machine has {here}; "
+            "use int8-torchao or int8-quanto here"
+        )
+    if precision == "nf4-bnb":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return (
+                "base_model_precision nf4-bnb needs bitsandbytes, which is not installed: install the 'bnb' extra "
+                "(pip install 'lokr-job[bnb]'), or use int8-quanto"
+            )
+        if not torch.cuda.is_available():
+            return (
+                "base_model_precision nf4-bnb: bitsandbytes' 4-bit kernels need a CUDA GPU, and this machine has "
+                "none; use int8-quanto or int8-torchao here"
+            )
+    return None

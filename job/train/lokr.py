@@ -186,7 +186,9 @@ def build_lokr_trainer(
         job.gradient_accumulation_steps,
         data.batches_per_epoch,
     )
-    transformer = load_transformer(local_model_path(job, workdir), dtype=load_dtype(job))
+    transformer = load_transformer(
+        local_model_path(job, workdir), dtype=load_dtype(job), precision=job.base_model_precision
+    )
     transformer = prepare_base_model(transformer, job, accelerator.device)
     network = attach_lokr(transformer, config.lycoris, seed=job.seed)
     network.to(device=accelerator.device, dtype=adapter_dtype(job.optimizer))

@@ -49,6 +49,7 @@ TRACKED_LIBRARIES = (
     "diffusers",
     "lycoris-lora",
     "optimum-quanto",
+    "torchao",
     "accelerate",
     "torch-optimi",
     "prodigyopt",
