@@ -178,17 +178,8 @@ def test_check_accepts_a_gpu_only_precision_that_run_refuses_here(tiny_job: Path
     checked = _check(tiny_job, "--workdir", str(tmp_path / "w"), *settings)
     assert checked.returncode == ExitCode.OK, checked.stderr[-2000:]
     assert "peak VRAM (estimate, fp8-torchao not yet measured on a GPU)" in checked.stdout
-    command = [
-        sys.executable,
-        "-m",
-        "job",
-        "run",
-        "--config",
-        str(tiny_job),
-        "--workdir",
-        str(tmp_path / "w"),
-    ]
-    ran = subprocess.run([*command, *settings], capture_output=True, text=True, timeout=300)
+    run = ("run", "--config", str(tiny_job), "--workdir", str(tmp_path / "w"), *settings)
+    ran = subprocess.run([sys.executable, "-m", "job", *run], capture_output=True, text=True, timeout=300)
     assert ran.returncode == ExitCode.BAD_CONFIG
     assert (
         "fp8-torchao: torchao's float8 weight-only kernels need an NVIDIA GPU of compute capability 8.9"

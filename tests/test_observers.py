@@ -200,18 +200,10 @@ def test_a_helper_model_that_is_not_there_stops_the_run_before_training(
     tiny_job: Path, tmp_path: Path, key: str, switch: str, expected: str
 ) -> None:
     missing = tmp_path / "not-here"
-    command = [
-        sys.executable,
-        "-m",
-        "job",
-        "run",
-        "--config",
-        str(tiny_job),
-        "--workdir",
-        str(tmp_path / "w"),
-    ]
     settings = [switch, f"{key}={missing}", "webhook_url=http://127.0.0.1:9/hook"]
-    command += [arg for setting in settings for arg in ("--set", setting)]
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
+    run = ["run", "--config", str(tiny_job), "--workdir", str(tmp_path / "w"), *overrides]
+    command = [sys.executable, "-m", "job", *run]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{key} '{missing}': {expected}" in result.stderr
