@@ -20,6 +20,7 @@ from job.settings import job_settings
 # Libraries that give their own logger a stderr handler (and transformers/diffusers stop propagation):
 # their records would bypass our format and our redaction.
 LIBRARY_LOGGERS = ("transformers", "diffusers", "huggingface_hub")
+_DIFFUSERS_TORCHAO_LOGGER = "diffusers.quantizers.torchao.torchao_quantizer"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -100,18 +101,47 @@ def setup_logging(stream: TextIO | None = None) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     settings = job_settings()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else HumanFormatter())
+    handler.addFilter(OptionalKernelFilter())
     handler.addFilter(RedactingFilter())
+    # diffusers prints through a handler of its own until adopt_library_loggers: filter where it logs.
+    quantizer = logging.getLogger(_DIFFUSERS_TORCHAO_LOGGER)
+    if not any(isinstance(f, OptionalKernelFilter) for f in quantizer.filters):
+        quantizer.addFilter(OptionalKernelFilter())
     setattr(handler, _OWN_HANDLER, True)
     root.addHandler(handler)
 
     root.setLevel(settings.log_level)
     # Python warnings (deprecations from diffusers, torch) go through the same format and redaction.
     logging.captureWarnings(True)
+    # torch tells library authors, through its own handler, that torchao's register_constant() is no longer
+    # needed: a note for torchao's developers, not for a user of lokr-job.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # boto3 announces where it found credentials at INFO each time a client is made: noise, not news.
     for chatty in ("botocore", "boto3", "s3transfer"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     adopt_library_loggers()
     return handler
+
+
+class OptionalKernelFilter(logging.Filter):
+    """torchao warns, at import, for each optional compiled kernel (CUDA, mxfp8, cutlass, Triton) this
+    machine cannot load, and diffusers 0.42 (which imports torchao whenever it is installed) warns that
+    torchao 0.18 moved tensor classes it lists for unpickling torchao checkpoints, which lokr-job never
+    loads: every command would open with those lines. They are debug lines here: nothing lokr-job runs
+    needs those kernels, and ``fp8-torchao``'s own requirements are checked before a run starts
+    (``precision_problem``)."""
+
+    _NOTICES = ("Failed to load", "Warning: Detected no triton", "Unable to import `torchao` Tensor objects")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name.split(".")[0] in ("torchao", "diffusers")
+            and record.levelno == logging.WARNING
+            and str(record.msg).startswith(self._NOTICES)
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 def adopt_library_loggers() -> None:
