@@ -90,18 +90,24 @@ def make_temp_folder(parent: Path, prefix: str) -> Path:
     return folder
 
 
-def replace_folder(dest: Path, fill: Callable[[Path], None]) -> None:
+def replace_folder(dest: Path, fill: Callable[[Path], None], *, durable: bool = False) -> None:
     """Fill a temporary folder beside ``dest`` with ``fill(folder)``, give it the usual modes, and swap it
     in for ``dest`` (replacing what is there): a reader never sees half of it, and a failed fill leaves
-    ``dest`` as it was."""
+    ``dest`` as it was. ``durable``: every file is fsynced before the swap, the parent folder after it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = make_temp_folder(dest.parent, f".{dest.name}.")
     try:
         fill(staging)
         share_tree(staging)
+        if durable:
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    fsync_file(path)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
+        if durable:
+            fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

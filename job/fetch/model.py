@@ -20,25 +20,18 @@ from pathlib import Path
 from job.config.paths import is_remote
 from job.config.schema import JobConfig
 from job.errors import ConfigError
-from job.model.source import is_hub_repo_id, mirror_dir
+from job.model.source import (
+    BASE_MODEL,
+    EVALUATION_MODEL,
+    PREVIEW_MODEL,
+    ModelKind,
+    is_hub_repo_id,
+    mirror_dir,
+)
 from job.storage import parse_uri, storage_for
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
-
-_BASE_KEY = "pretrained_model_name_or_path"
-_EVALUATION_KEY = "pretrained_evaluation_model_name_or_path"
-_PREVIEW_KEY = "validation_preview_model"
-_WHAT = {_BASE_KEY: "base model", _EVALUATION_KEY: "evaluation model", _PREVIEW_KEY: "preview decoder"}
-# The file every such model has: a diffusers pipeline's index, a model's config.
-_INDEX = {_BASE_KEY: "model_index.json", _EVALUATION_KEY: "config.json", _PREVIEW_KEY: "config.json"}
-_EXPECTED = {
-    _BASE_KEY: "no diffusers model there (model_index.json with vae/, text_encoder/, tokenizer/, "
-    "transformer/, scheduler/ holding configs and .safetensors weights)",
-    _EVALUATION_KEY: "no transformers CLIP model there (config.json, the tokenizer and preprocessor files "
-    "and model.safetensors)",
-    _PREVIEW_KEY: "no diffusers AutoencoderTiny there (config.json and diffusion_pytorch_model.safetensors)",
-}
 
 # Configs, tokenizer vocabularies (tokenizer.json, spiece.model, merges.txt) and weights.
 _KEPT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
@@ -83,28 +76,28 @@ def fetch_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> N
 def fetch_helper_models(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> None:
     """The models besides the base model that the config asks for, as the base model is fetched: the CLIP
     model (``evaluation_type: clip``) and the Tiny AutoEncoder (``validation_preview``)."""
-    wanted = {
-        _EVALUATION_KEY: (job.evaluation_type == "clip", job.pretrained_evaluation_model_name_or_path),
-        _PREVIEW_KEY: (job.validation_preview, job.validation_preview_model),
-    }
-    for key, (needed, source) in wanted.items():
+    wanted = (
+        (EVALUATION_MODEL, job.evaluation_type == "clip", job.pretrained_evaluation_model_name_or_path),
+        (PREVIEW_MODEL, job.validation_preview, job.validation_preview_model),
+    )
+    for kind, needed, source in wanted:
         if not needed:
             continue
         if is_remote(source):
-            _mirror_folder(source, workdir, progress, key=key)
+            _mirror_folder(source, workdir, progress, kind=kind)
         elif is_hub_repo_id(source):
-            _fetch_hub_repo(source, None, workdir, progress, key=key)
-        elif (Path(source).expanduser() / _INDEX[key]).is_file():
-            log.info("fetch: %s %s is local; nothing to fetch", _WHAT[key], source)
+            _fetch_hub_repo(source, None, workdir, progress, kind=kind)
+        elif (Path(source).expanduser() / kind.index_file).is_file():
+            log.info("fetch: %s %s is local; nothing to fetch", kind.what, source)
         else:
-            raise ConfigError(f"{key} {source!r}: {_EXPECTED[key]}")
+            raise ConfigError(f"{kind.key} {source!r}: {kind.expected}")
 
 
-def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, key: str = _BASE_KEY) -> None:
+def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, kind: ModelKind = BASE_MODEL) -> None:
     storage = storage_for(source)
     files = diffusers_files(o.key for o in storage.list(source))
     if not files:
-        raise ConfigError(f"{key} {source}: {_EXPECTED[key]}")
+        raise ConfigError(f"{kind.key} {source}: {kind.expected}")
     dest = mirror_dir(source, workdir)
     # The exact names as patterns: a model folder holds tens of files, so matching stays cheap.
     report = storage.download_prefix(
@@ -112,7 +105,7 @@ def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, key: str = 
     )
     log.info(
         "fetch: %s %s → %s (%d files, %d bytes fetched; %d up to date)",
-        _WHAT[key],
+        kind.what,
         source,
         dest,
         report.transferred,
@@ -122,18 +115,17 @@ def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, key: str = 
 
 
 def _fetch_hub_repo(
-    repo_id: str, revision: str | None, workdir: WorkDir, progress: bool, *, key: str = _BASE_KEY
+    repo_id: str, revision: str | None, workdir: WorkDir, progress: bool, *, kind: ModelKind = BASE_MODEL
 ) -> None:
     from job.storage.hub import HubStorage
 
     repo = replace(parse_uri(f"hf://{repo_id}"), revision=revision)
     storage = HubStorage()
     files = diffusers_files(o.key for o in storage.list(repo))
-    index = _INDEX[key]
-    if index not in files:
+    if kind.index_file not in files:
         raise ConfigError(
-            f"{key} {repo_id}: the Hub repo{f' at {revision}' if revision else ''} has no {index}: "
-            f"{_EXPECTED[key]}"
+            f"{kind.key} {repo_id}: the Hub repo{f' at {revision}' if revision else ''} has no "
+            f"{kind.index_file}: {kind.expected}"
         )
     folder = storage.download_to_cache(repo, files, workdir.models, progress=progress)
-    log.info("fetch: %s %s → %s (%d files)", _WHAT[key], repo, folder, len(files))
+    log.info("fetch: %s %s → %s (%d files)", kind.what, repo, folder, len(files))

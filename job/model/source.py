@@ -1,5 +1,6 @@
 """Where the base model is on this machine, and what the Hub calls it: the one mapping from
-``pretrained_model_name_or_path`` (or the flavour's repo) to a folder diffusers' ``from_pretrained`` reads.
+``pretrained_model_name_or_path`` (or the flavour's repo) to a folder diffusers' ``from_pretrained`` reads;
+the helper models (the CLIP model, the Tiny AutoEncoder) are found the same way (``ModelKind``).
 
 Three kinds of source: a local diffusers folder (used where it is), a Hub repo id (``lokr-job fetch`` puts
 it in huggingface_hub's cache under ``<workdir>/models/``), and an ``s3://``/``hf://`` URI of a diffusers
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from job.config.paths import is_remote
@@ -34,70 +36,80 @@ def mirror_dir(source_uri: str, workdir: WorkDir) -> Path:
     return workdir.models / f"{uri.scheme}--{readable}--{digest}"
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """A model the config names by ``key``, fetched into the work directory as the base model is."""
+
+    key: str  # the config key that names it
+    what: str  # how messages name it
+    index_file: str  # the one file every such model has
+    expected: str  # what a folder of it holds, for the message when it holds nothing of the kind
+
+
+BASE_MODEL = ModelKind(
+    "pretrained_model_name_or_path",
+    "base model",
+    "model_index.json",
+    "no diffusers model there (model_index.json with vae/, text_encoder/, tokenizer/, transformer/, "
+    "scheduler/ holding configs and .safetensors weights)",
+)
+EVALUATION_MODEL = ModelKind(
+    "pretrained_evaluation_model_name_or_path",
+    "evaluation model",
+    "config.json",
+    "no transformers CLIP model there (config.json, the tokenizer and preprocessor files and model.safetensors)",
+)
+PREVIEW_MODEL = ModelKind(
+    "validation_preview_model",
+    "preview decoder",
+    "config.json",
+    "no diffusers AutoencoderTiny there (config.json and diffusion_pytorch_model.safetensors)",
+)
+
+
 def local_model_path(job: JobConfig, workdir: WorkDir) -> str:
     """The local folder to load the base model from (after ``lokr-job fetch`` for remote sources).
 
     A Hub repo is found in the cache offline; ``ConfigError`` when it, or a URI's mirror, is not there.
     """
-    return _local_folder(
-        job.model_source,
-        job.revision,
-        workdir,
-        "pretrained_model_name_or_path",
-        "the base model",
-        index_file="model_index.json",  # a diffusers pipeline
-    )
+    return _local_folder(job.model_source, job.revision, workdir, BASE_MODEL)
 
 
 def evaluation_model_path(job: JobConfig, workdir: WorkDir) -> str:
-    """The local folder of ``pretrained_evaluation_model_name_or_path`` (the CLIP model), fetched like the
-    base model: a local folder, an ``s3://``/``hf://`` mirror, or a Hub repo in the cache."""
-    return _local_folder(
-        job.pretrained_evaluation_model_name_or_path,
-        None,
-        workdir,
-        "pretrained_evaluation_model_name_or_path",
-        "the evaluation model",
-        index_file="config.json",  # a transformers model
-    )
+    """The local folder of ``pretrained_evaluation_model_name_or_path`` (the CLIP model)."""
+    return _local_folder(job.pretrained_evaluation_model_name_or_path, None, workdir, EVALUATION_MODEL)
 
 
 def preview_model_path(job: JobConfig, workdir: WorkDir) -> str:
-    """The local folder of ``validation_preview_model`` (the Tiny AutoEncoder), fetched like the base model."""
-    return _local_folder(
-        job.validation_preview_model,
-        None,
-        workdir,
-        "validation_preview_model",
-        "the preview decoder",
-        index_file="config.json",  # a diffusers model
-    )
+    """The local folder of ``validation_preview_model`` (the Tiny AutoEncoder)."""
+    return _local_folder(job.validation_preview_model, None, workdir, PREVIEW_MODEL)
 
 
-def _local_folder(
-    source: str, revision: str | None, workdir: WorkDir, key: str, what: str, *, index_file: str
-) -> str:
+def _local_folder(source: str, revision: str | None, workdir: WorkDir, kind: ModelKind) -> str:
     if is_remote(source):
         folder = mirror_dir(source, workdir)
         if not (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
-            raise ConfigError(f"{what} {source} has not been fetched to {folder}: run lokr-job fetch")
+            raise ConfigError(
+                f"the {kind.what} {source} has not been fetched to {folder}: run lokr-job fetch"
+            )
         return str(folder)
     local = Path(source).expanduser()
     if local.is_dir():
         return str(local)
     if is_hub_repo_id(source):
-        return _cached_snapshot(source, revision, workdir, what, index_file)
+        return _cached_snapshot(source, revision, workdir, kind)
     raise ConfigError(
-        f"{key} {source!r} is not a local folder, an s3:// or hf:// URI, nor a Hub repo id (owner/name)"
+        f"{kind.key} {source!r} is not a local folder, an s3:// or hf:// URI, nor a Hub repo id (owner/name)"
     )
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, workdir: WorkDir, what: str, index_file: str) -> str:
+def _cached_snapshot(repo_id: str, revision: str | None, workdir: WorkDir, kind: ModelKind) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     missing = ConfigError(
-        f"{what} {repo_id}{f'@{revision}' if revision else ''} is not in {workdir.models}: run lokr-job fetch"
+        f"the {kind.what} {repo_id}{f'@{revision}' if revision else ''} is not in {workdir.models}: "
+        "run lokr-job fetch"
     )
     try:
         # Offline, huggingface_hub checks the snapshot holds every file the patterns match; fetch took only
@@ -107,7 +119,7 @@ def _cached_snapshot(repo_id: str, revision: str | None, workdir: WorkDir, what:
             revision=revision,
             cache_dir=workdir.models,
             local_files_only=True,
-            allow_patterns=[index_file],
+            allow_patterns=[kind.index_file],
         )
     except LocalEntryNotFoundError:  # IncompleteSnapshotError included
         raise missing from None

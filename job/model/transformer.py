@@ -40,12 +40,11 @@ def load_transformer(
     from diffusers import AuraFlowTransformer2DModel
 
     folder = Path(folder).expanduser()
-    own = not (folder / "transformer").is_dir() and (folder / "config.json").is_file()
     quantization = {"quantization_config": _nf4_config()} if precision == "nf4-bnb" else {}
     try:
         return AuraFlowTransformer2DModel.from_pretrained(
             folder,
-            subfolder=None if own else "transformer",
+            subfolder=transformer_subfolder(folder),
             torch_dtype=dtype,
             local_files_only=True,
             **quantization,
@@ -58,6 +57,14 @@ def load_transformer(
             f"pretrained_model_name_or_path: cannot load the AuraFlow transformer from {folder}: {exc}. "
             "Point it at a diffusers AuraFlow folder or repo id (run lokr-job fetch for a remote one)"
         ) from exc
+
+
+def transformer_subfolder(source: str | Path) -> str | None:
+    """Where a model's transformer is: None when ``source`` is a transformer's own folder, else the
+    ``transformer/`` of a pipeline (a local pipeline folder, or a Hub repo id)."""
+    folder = Path(source).expanduser()
+    own = not (folder / "transformer").is_dir() and (folder / "config.json").is_file()
+    return None if own else "transformer"
 
 
 def load_dtype(job: JobConfig) -> torch.dtype:

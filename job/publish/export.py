@@ -52,8 +52,6 @@ COMFYUI_PARTS = frozenset(
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 RECORD = "export.json"
-TRANSFORMER_DIR = "transformer"
-MAX_SHARD_SIZE = "10GB"
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +115,8 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
     import torch
     from diffusers import AuraFlowTransformer2DModel
 
+    from job.train.output import MAX_SHARD_SIZE, TRANSFORMER_DIR
+
     try:
         transformer = AuraFlowTransformer2DModel.from_pretrained(
             base_model,
@@ -134,7 +134,7 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
 
     def fill(folder: Path) -> None:
         transformer.save_pretrained(folder / TRANSFORMER_DIR, max_shard_size=MAX_SHARD_SIZE)
-        (folder / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _write_record(folder, record)
 
     replace_folder(out, fill)
     log.info("export: merged transformer (scale %g, %s) written to %s", scale, dtype, out / TRANSFORMER_DIR)
@@ -168,18 +168,23 @@ def export_comfyui(base_model: str, adapter: str | Path, out: Path) -> Path:
 
     def fill(folder: Path) -> None:
         save_file(renamed, str(folder / COMFYUI_FILE), metadata={**metadata, "lokr_job_export": "comfyui"})
-        (folder / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _write_record(folder, record)
 
     replace_folder(out, fill)
     log.info("export: %d tensors renamed for ComfyUI in %s", len(renamed), out / COMFYUI_FILE)
     return out
 
 
+def _write_record(folder: Path, record: dict[str, object]) -> None:
+    (folder / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _require_comfyui_parts(adapter: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
+    # DoRA shows as dora_scale tensors; rs_lora (its sqrt-rank scale) only in the config.
     parts = {key.split(".", 1)[1] for key in tensors}
     settings = json.loads(metadata.get("lycoris_config", "{}"))
     problems = [f"{part!r} tensors" for part in sorted(parts - COMFYUI_PARTS)]
-    problems += [f"{option}: true" for option in ("rs_lora", "weight_decompose") if settings.get(option)]
+    problems += ["rs_lora: true"] if settings.get("rs_lora") else []
     if problems:
         raise ConfigError(
             f"export --format comfyui: adapter {adapter} uses {', '.join(problems)}, which ComfyUI's LoKr "
@@ -188,16 +193,15 @@ def _require_comfyui_parts(adapter: str | Path, tensors: dict, metadata: dict[st
 
 
 def _transformer_subfolder(base_model: str) -> str | None:
-    """Where the transformer is: the base model's ``transformer/``, or the folder itself."""
+    """Where the base model's transformer is (``transformer_subfolder``); a URI is refused."""
+    from job.model.transformer import transformer_subfolder
     from job.storage import is_remote
 
     if is_remote(base_model):
         raise ConfigError(
             f"export: base model {base_model!r} is a URI; give a Hub repo id (owner/name) or a local folder"
         )
-    folder = Path(base_model).expanduser()
-    own = folder.is_dir() and not (folder / TRANSFORMER_DIR).is_dir()
-    return None if own else TRANSFORMER_DIR
+    return transformer_subfolder(base_model)
 
 
 def _linear_module_names(base_model: str) -> list[str]:

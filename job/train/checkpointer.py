@@ -26,14 +26,21 @@ CheckpointHook = Callable[[Path, int], None]
 
 
 class Checkpointer:
-    def __init__(self, root: Path, checkpoint: TrainingCheckpoint, *, total_limit: int | None):
+    def __init__(
+        self,
+        root: Path,
+        checkpoint: TrainingCheckpoint,
+        *,
+        total_limit: int | None,
+        last_saved_step: int | None = None,
+    ):
         self.root = root
         self.checkpoint = checkpoint
         self.accelerator = checkpoint.accelerator
         self.total_limit = total_limit
         self.collective = checkpoint.model.collective
         self.on_complete: list[CheckpointHook] = []
-        self.last_saved_step: int | None = None
+        self.last_saved_step = last_saved_step
 
     def save(self, state: TrainState) -> None:
         started = time.perf_counter()

@@ -30,8 +30,8 @@ import torch
 from job.context import JobContext
 from job.errors import ConfigError
 from job.train.loop import Trainer, TrainingRun
-from job.train.resume import resume_state
-from job.train.state import TrainingCheckpoint, TrainState
+from job.train.resume import resume_and_checkpoint
+from job.train.state import TrainingCheckpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -42,7 +42,6 @@ log = logging.getLogger("lokr")
 
 # diffusers' file names, sharded (with an index) past this size as its save_pretrained does.
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
-MAX_SHARD_SIZE = "10GB"
 
 
 @dataclass
@@ -90,7 +89,6 @@ def build_full_rank_trainer(
     from job.model.checkpointing import enable_block_checkpointing
     from job.model.source import local_model_path
     from job.model.transformer import load_dtype, load_transformer
-    from job.train.checkpointer import Checkpointer
     from job.train.optimizers import build_optimizer, optimizer_overrides
     from job.train.schedule import build_lr_scheduler
 
@@ -121,12 +119,9 @@ def build_full_rank_trainer(
 
     _require_shared_checkpoints(accelerator, workdir.checkpoints)
     checkpoint = TrainingCheckpoint(ZeroState(accelerator), scheduler, accelerator, config_hash=config.hash)
-    resumed = resume_state(
-        checkpoint, workdir.checkpoints, job.resume_from_checkpoint, run_uri=ctx.run_uri, total=total
+    state, checkpointer = resume_and_checkpoint(
+        checkpoint, workdir.checkpoints, job, run_uri=ctx.run_uri, total=total
     )
-    checkpointer = Checkpointer(workdir.checkpoints, checkpoint, total_limit=job.checkpoints_total_limit)
-    if resumed is not None:
-        checkpointer.last_saved_step = resumed.step
     module = accelerator.unwrap_model(engine)
     trainer = FullRankTrainer(
         accelerator=accelerator,
@@ -146,7 +141,7 @@ def build_full_rank_trainer(
             "output/transformer with lokr-job infer after training",
             accelerator.num_processes,
         )
-    return TrainingRun(trainer=trainer, state=resumed or TrainState(), offload=None, renders=renders)
+    return TrainingRun(trainer=trainer, state=state, offload=None, renders=renders)
 
 
 def _require_shared_checkpoints(accelerator: Accelerator, root: Path) -> None:
@@ -206,7 +201,7 @@ def write_full_rank_output(
     """Gather the trained transformer (every process takes part) and write it from the main process."""
     from huggingface_hub import save_torch_state_dict
 
-    from job.train.output import TRANSFORMER_DIR, write_full_output
+    from job.train.output import MAX_SHARD_SIZE, TRANSFORMER_DIR, write_full_output
 
     weights = accelerator.get_state_dict(objects.engine)
     if accelerator.is_main_process:

@@ -21,8 +21,7 @@ from job.context import JobContext
 from job.errors import ConfigError
 from job.train.loop import Trainer, TrainingRun
 from job.train.output import write_output
-from job.train.resume import resume_state
-from job.train.state import TrainState
+from job.train.resume import resume_and_checkpoint
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -170,7 +169,6 @@ def build_lokr_trainer(
     from job.model.offload.apply import apply_group_offload
     from job.model.source import local_model_path
     from job.model.transformer import load_dtype, load_transformer, prepare_base_model
-    from job.train.checkpointer import Checkpointer
     from job.train.ema import AdapterEMA
     from job.train.optimizers import adapter_dtype, build_optimizer, optimizer_overrides
     from job.train.schedule import build_lr_scheduler
@@ -212,12 +210,9 @@ def build_lokr_trainer(
     checkpoint = TrainingCheckpoint(
         LoKrState(objects), objects.scheduler, accelerator, config_hash=config.hash
     )
-    resumed = resume_state(
-        checkpoint, workdir.checkpoints, job.resume_from_checkpoint, run_uri=ctx.run_uri, total=total
+    state, checkpointer = resume_and_checkpoint(
+        checkpoint, workdir.checkpoints, job, run_uri=ctx.run_uri, total=total
     )
-    checkpointer = Checkpointer(workdir.checkpoints, checkpoint, total_limit=job.checkpoints_total_limit)
-    if resumed is not None:
-        checkpointer.last_saved_step = resumed.step
     trainer = LoKrTrainer(
         accelerator=accelerator,
         transformer=transformer,
@@ -228,7 +223,7 @@ def build_lokr_trainer(
         input_dtype=load_dtype(job),
         checkpointer=checkpointer,
     )
-    return TrainingRun(trainer=trainer, state=resumed or TrainState(), offload=offload)
+    return TrainingRun(trainer=trainer, state=state, offload=offload)
 
 
 def _check_adapter(

@@ -12,14 +12,12 @@ is a function of the weights and the config, so equal runs write equal files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.config.schema import LycorisConfig
-from job.files import fsync_dir, fsync_file, make_temp_folder, sha256_file, share_tree, write_atomic
+from job.files import replace_folder, sha256_file, write_atomic
 from job.model.lokr import lycoris_settings, save_adapter
 
 if TYPE_CHECKING:
@@ -32,6 +30,8 @@ EMA_FILE = "ema/ema_model.safetensors"
 CONFIG_FILE = "lycoris_config.json"
 RESULT_FILE = "training_result.json"
 TRANSFORMER_DIR = "transformer"
+# A whole transformer's weights are sharded (with an index) past this size, as diffusers' save_pretrained does.
+MAX_SHARD_SIZE = "10GB"
 
 
 def write_output(
@@ -72,20 +72,7 @@ def write_full_output(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULT_FILE).unlink(missing_ok=True)
     final = output_dir / TRANSFORMER_DIR
-    staging = make_temp_folder(output_dir, f".{TRANSFORMER_DIR}-")
-    try:
-        save_transformer(staging)
-        share_tree(staging)  # save_pretrained's safetensors files are 0600 whatever the umask
-        for path in staging.rglob("*"):
-            if path.is_file():
-                fsync_file(path)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_dir(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    replace_folder(final, save_transformer, durable=True)
     written = sorted(p.relative_to(output_dir).as_posix() for p in final.rglob("*") if p.is_file())
     _write_result(output_dir, "full", written, config_hash=config_hash, step=step)
     return final

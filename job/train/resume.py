@@ -10,13 +10,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job import distributed
+from job.config.schema import JobConfig
 from job.distributed import any_rank, require_same
 from job.errors import ConfigError, JobError, TransientError
 from job.train.checkpoint import checkpoint_step, latest_complete, resolve_resume, set_aside
+from job.train.checkpointer import Checkpointer
 from job.train.remote import download_newer_checkpoint, set_aside_remote
 from job.train.state import TrainingCheckpoint, TrainState
 
 log = logging.getLogger("lokr")
+
+
+def resume_and_checkpoint(
+    checkpoint: TrainingCheckpoint, root: Path, job: JobConfig, *, run_uri: str | None, total: int
+) -> tuple[TrainState, Checkpointer]:
+    """Both trainers' start: the position to train from (``resume_state``, else step 0) and the
+    ``Checkpointer`` that saves into ``root``, knowing the step it resumed at is saved already."""
+    resumed = resume_state(checkpoint, root, job.resume_from_checkpoint, run_uri=run_uri, total=total)
+    checkpointer = Checkpointer(
+        root,
+        checkpoint,
+        total_limit=job.checkpoints_total_limit,
+        last_saved_step=resumed.step if resumed is not None else None,
+    )
+    return resumed or TrainState(), checkpointer
 
 
 def resume_state(

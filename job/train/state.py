@@ -154,27 +154,26 @@ class TrainingCheckpoint:
         if set(scheduler) != set(self.scheduler.state_dict()):
             # load_state_dict would take any dict silently.
             raise ValueError(f"{SCHEDULER_FILE} holds {sorted(scheduler)}, not this schedule's fields")
-        own_rng = self._own_rng_state(folder)
-        restore_rng = _rng_restorer(own_rng) if own_rng is not None else None
+        restore_rng = self._own_rng_restorer(folder)
         apply_model()
         self.scheduler.load_state_dict(scheduler)
-        if restore_rng is not None:
-            restore_rng()
+        restore_rng()
         return state
 
-    def _own_rng_state(self, folder: Path) -> dict[str, Any] | None:
+    def _own_rng_restorer(self, folder: Path) -> Callable[[], None]:
+        """What puts this process's saved generator states back (checked now, applied when called)."""
         if not (folder / RNG_FILE).is_file():
-            # A full-rank checkpoint of an earlier lokr-job: accelerate's load_state restored the states.
+            # A full-rank checkpoint of an earlier lokr-job: accelerate's load_state restores the states.
             log.info(
-                "checkpoint %s has no %s: random states as accelerate restored them", folder.name, RNG_FILE
+                "checkpoint %s has no %s: random states as accelerate restores them", folder.name, RNG_FILE
             )
-            return None
+            return lambda: None
         saved = torch.load(folder / RNG_FILE, map_location="cpu", weights_only=True)
         # A LoKr checkpoint of an earlier lokr-job holds the main process's states alone.
         ranks = saved.get("ranks", [saved])
         rank = self.accelerator.process_index
         # Another number of processes (warned about): each takes a saved rank's state, as many as there are.
-        return ranks[rank % len(ranks)]
+        return _rng_restorer(ranks[rank % len(ranks)])
 
 
 def write_state_record(folder: Path, state: TrainState, *, config_hash: str, world_size: int) -> None:
