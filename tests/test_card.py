@@ -11,8 +11,8 @@ from lokr_fixtures import write_random_adapter
 from model_cards import card_render_settings, front_matter, run_python_block
 from PIL import Image
 
+from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig, load_config
-from job.config.schema import DatasetConfig
 from job.infer import infer
 from job.model.lokr import lycoris_settings
 from job.publish.card import model_card

@@ -12,8 +12,9 @@ from PIL import Image
 
 from job.check import build_report
 from job.cli import main
+from job.config.backends import DatasetConfig
 from job.config.loader import load_config
-from job.config.schema import DatasetConfig, JobConfig
+from job.config.schema import JobConfig
 from job.context import open_context
 from job.data.transform import plan_transform
 from job.errors import ConfigError, ExitCode

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.captions import CaptionProblem, caption_from_filename, captions_for
 
 

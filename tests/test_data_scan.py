@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from test_cache_support import noise_image, write_image
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.discovery import find_images
 from job.data.geometry import ModelGeometry
 from job.data.scan import scan_dataset

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.geometry import (
     ModelGeometry,
     bucket_size,

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from job.config.schema import DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
+from job.config.backends import DatasetConfig, TextEmbedsConfig
+from job.config.schema import JobConfig, LycorisConfig
 from job.config.simpletuner import options
 
 REFERENCE = (Path(__file__).parents[1] / "docs" / "config.md").read_text()

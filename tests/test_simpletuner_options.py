@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import SEED_CONFIG
 
+from job.config.backends import DatasetConfig, TextEmbedsConfig
 from job.config.loader import load_config
-from job.config.schema import DatasetConfig, JobConfig, TextEmbedsConfig
+from job.config.schema import JobConfig
 from job.config.simpletuner import options
 from job.errors import ConfigError
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from lokr_fixtures import SEED_LYCORIS
 
+from job.cache.dataset import Batch
 from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
 from job.flow_matching import draw_step, flow_loss, flow_target, noisy_latents, step_generator
@@ -35,16 +36,6 @@ LYCORIS_WITH_FF = LycorisConfig.model_validate(
     }
 )
 TOKENS = 12
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    prompt_mask: torch.Tensor
-    is_regularisation: torch.Tensor
-    caption_dropout: torch.Tensor
-    keys: list[str]
 
 
 def make_batch(seed: int, size: int = 2, *, regularisation: bool = False, dropout: float = 0.0) -> Batch:

@@ -8,8 +8,8 @@ from pathlib import Path
 import json5
 import pytest
 
+from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig, load_config
-from job.config.schema import DatasetConfig
 from job.validate.prompts import safe_nickname, validation_prompts
 
 SEED_CONFIG = Path(__file__).parent / "fixtures" / "seed" / "config"

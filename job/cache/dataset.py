@@ -22,8 +22,8 @@ from job.cache.entries import load_entry
 from job.cache.keys import text_key
 from job.cache.manifest import Manifest, plan_fingerprint, read_manifest
 from job.cache.store import CacheIndex, entry_path
+from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig
-from job.config.schema import DatasetConfig
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
 from job.data.discovery import skipped_stages
 from job.data.sampler import EpochSampler, SamplerDataset
@@ -44,6 +44,8 @@ class Batch:
     is_regularisation: torch.Tensor  # [B] bool
     caption_dropout: torch.Tensor  # [B] float32: each sample's dataset caption_dropout_probability
     keys: list[str]  # "<dataset id>/<image path>", for logs and tests
+    # [B, 1, h, w] float32 loss weights at latent resolution (job.cache.masks); None: no sample is masked
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ the work directory, never against the user's dataset folder, which is never writ
 import re
 from pathlib import Path
 
-from job.config.schema import DatasetConfig, TextEmbedsConfig
+from job.config.backends import DatasetConfig, TextEmbedsConfig
 from job.workdir import WorkDir
 
 

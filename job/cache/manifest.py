@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig
-from job.config.schema import DatasetConfig
 from job.data.buckets import Size
 from job.files import read_json, write_bytes_atomic
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from job.cache import layout
 from job.cache.keys import latent_key
 from job.cache.report import DatasetWarmReport, skip_summary
+from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig
-from job.config.schema import DatasetConfig, JobConfig
+from job.config.schema import JobConfig
 from job.data.buckets import BucketPlan, StepShape, dropped_lines, plan_buckets, require_usable
 from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry, resolution_problem

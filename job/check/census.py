@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from job.cache import layout
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.context import JobContext
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
 from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan

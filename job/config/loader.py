@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from job.config import paths, simpletuner
+from job.config.backends import CREDENTIAL_FIELDS, DatasetConfig, TextEmbedsConfig
 from job.config.deepspeed import deepspeed_problems
 from job.config.problems import Problems, read_json5, validate
-from job.config.schema import CREDENTIAL_FIELDS, DatasetConfig, JobConfig, LycorisConfig, TextEmbedsConfig
+from job.config.schema import JobConfig, LycorisConfig
 from job.errors import ConfigError
 from job.redact import remember_secrets
 

@@ -7,7 +7,7 @@ picks one of them per use.
 
 import os
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 
 
 class CaptionProblem(Exception):

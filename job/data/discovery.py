@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.config.schema import DatasetConfig, JobConfig, discovery_skips
+from job.config.backends import DatasetConfig, discovery_skips
+from job.config.schema import JobConfig
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 

@@ -15,7 +15,7 @@ rows (silently) or past the end (an IndexError).
 import math
 from dataclasses import dataclass
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 
 # SimpleTuner reads these round megapixel values as the square areas users mean by them (1.0 → 1024²).
 _AREA_ALIASES = {0.25: 512**2, 0.5: 768**2, 1.0: 1024**2, 2.0: 1536**2, 4.0: 2048**2}

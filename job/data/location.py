@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from job.config.backends import DatasetConfig
 from job.config.paths import is_remote
-from job.config.schema import DatasetConfig
 from job.errors import ConfigError
 from job.workdir import WorkDir
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.captions import CaptionProblem, captions_for
 from job.data.discovery import FoundImage, find_images
 from job.data.geometry import ModelGeometry, is_smaller_than

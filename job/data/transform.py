@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.geometry import ModelGeometry, bucket_size, is_larger_than, scale_to
 from job.data.seeds import derive_seed
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.location import is_fetched, local_data_dir
 from job.errors import ConfigError
 from job.fetch.hub_dataset import fetch_hub_dataset

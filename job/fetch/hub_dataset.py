@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from job.config.schema import DatasetConfig
+from job.config.backends import DatasetConfig
 from job.data.discovery import IMAGE_EXTENSIONS
 from job.errors import ConfigError
 from job.files import write_bytes_atomic

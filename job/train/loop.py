@@ -193,6 +193,7 @@ class Trainer(ABC):
             loss_type=job.loss_type,
             huber_c=job.huber_c,
             huber_schedule=job.huber_schedule,
+            mask=None if batch.loss_mask is None else batch.loss_mask.to(device),
         )
 
     def predict(

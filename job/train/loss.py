@@ -11,6 +11,10 @@ c is ``huber_c`` scheduled per sample by ``huber_schedule`` from the sample's ti
 (σ after the shift): ``constant`` keeps c; ``exponential`` is exp(ln(c)·t/1000) = c^σ;
 ``snr`` is (1 − c)/(1 + s)² + c with s = √((1 − σ)/(σ + 1e-4)), so noisier samples get a larger c.
 Each sample's loss is its elementwise mean; the batch loss is the mean of those.
+
+A loss mask (SimpleTuner's ``conditioning_type: mask``, job.cache.masks) multiplies the elementwise loss
+before those means, as SimpleTuner does: a dark (0) latent position adds nothing, a white (1) one counts in
+full, and the mean still divides by every position (it is not renormalised by the mask's area).
 """
 
 from __future__ import annotations
@@ -44,13 +48,20 @@ def training_loss(
     loss_type: LossType,
     huber_c: float,
     huber_schedule: HuberSchedule,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scalar loss of one micro-batch (``sigmas``: each sample's σ, shape [B])."""
+    """The scalar loss of one micro-batch (``sigmas``: each sample's σ, shape [B]; ``mask``: [B, 1, h, w]
+    weights in [0, 1] over the latent's positions, or None)."""
     if loss_type == "l2":
-        # Every sample has as many elements, so the mean of per-sample means is the plain mean.
-        return flow_loss(prediction, target)
-    c = huber_c_per_sample(sigmas, huber_c, huber_schedule).to(prediction.device)
-    c = c.view(-1, *([1] * (prediction.ndim - 1)))
-    curve = torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c
-    elementwise = 2 * c * curve if loss_type == "huber" else 2 * curve
+        if mask is None:
+            # Every sample has as many elements, so the mean of per-sample means is the plain mean.
+            return flow_loss(prediction, target)
+        elementwise = (prediction.float() - target.float()) ** 2
+    else:
+        c = huber_c_per_sample(sigmas, huber_c, huber_schedule).to(prediction.device)
+        c = c.view(-1, *([1] * (prediction.ndim - 1)))
+        curve = torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c
+        elementwise = 2 * c * curve if loss_type == "huber" else 2 * curve
+    if mask is not None:
+        elementwise = elementwise * mask.float()
     return elementwise.mean(dim=list(range(1, elementwise.ndim))).mean()

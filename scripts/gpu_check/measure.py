@@ -86,8 +86,8 @@ def seed_lycoris():
 def vram_estimate_gib(job, setup: Setup) -> float:
     """``lokr-job check``'s peak VRAM estimate for this job at the profile's square bucket."""
     from job.check.estimate import vram_estimate
+    from job.config.backends import TextEmbedsConfig
     from job.config.loader import ResolvedConfig
-    from job.config.schema import TextEmbedsConfig
 
     cfg = ResolvedConfig(
         job=job,

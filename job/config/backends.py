@@ -1,0 +1,127 @@
+"""Typed models of ``multidatabackend.json``'s entries, and what ``config.json`` shares with them.
+
+One image backend (``dataset_type: image``), its loss mask (``dataset_type: conditioning``,
+``conditioning_type: mask``, linked from the image backend by ``conditioning_data``), and the text-embedding
+cache (``dataset_type: text_embeds``). Field names are SimpleTuner's.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+ResolutionType = Literal["pixel", "pixel_area", "area"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# The stages SimpleTuner's skip_file_discovery names (its field registry, sections/advanced.py).
+DISCOVERY_STAGES = frozenset({"vae", "aspect", "text", "metadata"})
+
+
+def discovery_skips(value: str) -> frozenset[str]:
+    """The stages a ``skip_file_discovery`` value names: SimpleTuner writes them comma-separated, and
+    its own examples sometimes space-separated."""
+    return frozenset(word for word in value.replace(",", " ").lower().split())
+
+
+def check_discovery_skips(value: object) -> object:
+    # SimpleTuner's examples write false for "skip nothing" (its CLI passes it on as the word "false").
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "false"):
+        return ""
+    if not isinstance(value, str):
+        return value  # the field's type names what is wrong
+    unknown = sorted(discovery_skips(value) - DISCOVERY_STAGES)
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)} is not a stage SimpleTuner can skip; use a comma-separated list of "
+            f"{', '.join(sorted(DISCOVERY_STAGES))} (or leave it empty to discover everything)"
+        )
+    return value
+
+
+# The DatasetConfig fields that hold credentials: used to reach the data, never part of what is trained.
+CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+
+
+class DatasetConfig(Strict):
+    """One image backend of ``multidatabackend.json``."""
+
+    id: str = Field(min_length=1)
+    type: Literal["local", "aws", "huggingface"] = "local"
+    dataset_type: Literal["image"] = "image"
+    disabled: bool = False
+    instance_data_dir: str | None = None
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "huggingface"] = "filename"
+    instance_prompt: str | None = None
+    crop: bool = False
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "square"
+    crop_style: Literal["center", "centre", "random", "corner"] = "random"
+    resolution: float | None = Field(default=None, gt=0)
+    resolution_type: ResolutionType | None = None
+    minimum_image_size: float | None = Field(default=None, ge=0)
+    maximum_image_size: float | None = Field(default=None, gt=0)
+    target_downsample_size: float | None = Field(default=None, gt=0)
+    repeats: int = Field(default=0, ge=0)
+    is_regularisation_data: bool = False
+    caption_dropout_probability: float | None = Field(default=None, ge=0, le=1)
+    cache_dir_vae: str | None = None
+    # SimpleTuner's S3 backend.
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str = ""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+    # Keys for this backend only (SimpleTuner's per-backend credentials); boto3's chain when unset.
+    # SecretStr: a repr or a dump of the config shows ********** instead of the value.
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    # SimpleTuner's Hub dataset backend.
+    dataset_name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # Added to config.json's skip_file_discovery for this dataset, as SimpleTuner reads either.
+    skip_file_discovery: str = ""
+
+    _skips = field_validator("skip_file_discovery", mode="before")(check_discovery_skips)
+
+    @field_validator(*CREDENTIAL_FIELDS, mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # SimpleTuner's examples ship these keys empty; empty means "use the environment", as there.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _source_present(self) -> "DatasetConfig":
+        if self.type == "local" and not self.instance_data_dir:
+            raise ValueError("a local dataset needs instance_data_dir")
+        if self.type == "aws" and not self.aws_bucket_name:
+            raise ValueError("an aws dataset needs aws_bucket_name")
+        if (self.aws_access_key_id is None) != (self.aws_secret_access_key is None):
+            raise ValueError(
+                "aws_access_key_id and aws_secret_access_key go together: set both, or neither to use the "
+                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
+            )
+        if self.aws_session_token is not None and self.aws_access_key_id is None:
+            raise ValueError("aws_session_token needs aws_access_key_id and aws_secret_access_key beside it")
+        if self.type == "huggingface" and not self.dataset_name:
+            raise ValueError("a huggingface dataset needs dataset_name (owner/name)")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy instanceprompt needs instance_prompt")
+        return self
+
+
+class TextEmbedsConfig(Strict):
+    """The ``dataset_type: text_embeds`` backend: where the text-embedding cache lives."""
+
+    id: str = "text-embeds"
+    type: Literal["local"] = "local"
+    dataset_type: Literal["text_embeds"] = "text_embeds"
+    default: bool = True
+    disabled: bool = False
+    cache_dir: str | None = None
+    write_batch_size: int | None = Field(default=None, gt=0)
+    text_encoder_batch_size: int | None = Field(default=None, gt=0)  # config.json's when unset
