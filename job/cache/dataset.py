@@ -56,6 +56,7 @@ class _Entry:
     text_keys: tuple[str, ...]
     is_regularisation: bool
     caption_dropout: float
+    mask_key: str | None  # the loss mask beside the latent, or None: every position counts
 
 
 class TrainingData:
@@ -134,17 +135,21 @@ class TrainingData:
                             text_keys=sample.text_keys,
                             is_regularisation=dataset.is_regularisation_data,
                             caption_dropout=dataset.caption_dropout_probability or 0.0,
+                            mask_key=sample.mask_key,
                         )
                     )
-            missing_latents = sum(e.latent_key not in latent_index for e in entries[first:])
-            missing_texts = sum(k not in text_index for e in entries[first:] for k in e.text_keys)
-            if missing_latents or missing_texts:
+            added = entries[first:]
+            missing_latents = sum(e.latent_key not in latent_index for e in added)
+            missing_masks = sum(e.mask_key is not None and e.mask_key not in latent_index for e in added)
+            missing_texts = sum(k not in text_index for e in added for k in e.text_keys)
+            if missing_latents or missing_masks or missing_texts:
                 skipped = sorted(skipped_stages(job, dataset) & {"vae", "text"})
                 # SimpleTuner's own hint when a skipped stage left the cache short (caching/vae.py).
                 hint = f" without skip_file_discovery {', '.join(skipped)}" if skipped else ""
+                masks = f", {missing_masks} loss masks" if missing_masks else ""
                 problems.append(
-                    f"dataset {dataset.id!r}: {missing_latents} latents and {missing_texts} text embeddings "
-                    f"are not cached; run lokr-job warm{hint}"
+                    f"dataset {dataset.id!r}: {missing_latents} latents{masks} and {missing_texts} text "
+                    f"embeddings are not cached; run lokr-job warm{hint}"
                 )
             sampler_datasets.append(SamplerDataset(dataset.id, bucket_ids, dataset.repeats, buckets.padded))
         identities = {m.text_identity for m in manifests}
@@ -182,6 +187,16 @@ class TrainingData:
         first = self.rank * self.batch_size
         chosen = [self._entries[i] for i in ids[first : first + self.batch_size]]
         latents = torch.stack([_read_entry(e.latent_dir, e.latent_key)["latents"] for e in chosen])
+        loss_mask = None
+        if any(e.mask_key is not None for e in chosen):
+            # A sample of an unmasked dataset beside masked ones counts everywhere: weight 1.
+            ones = torch.ones(1, *latents.shape[-2:])
+            loss_mask = torch.stack(
+                [
+                    ones if e.mask_key is None else _read_entry(e.latent_dir, e.mask_key)["mask"]
+                    for e in chosen
+                ]
+            )
         texts = [
             self._load_text(self._pick_text(entry, epoch, index, first + position))
             for position, entry in enumerate(chosen)
@@ -193,6 +208,7 @@ class TrainingData:
             is_regularisation=torch.tensor([e.is_regularisation for e in chosen], dtype=torch.bool),
             caption_dropout=torch.tensor([e.caption_dropout for e in chosen], dtype=torch.float32),
             keys=[e.key for e in chosen],
+            loss_mask=loss_mask,
         )
 
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,9 @@
   and seed), the VAE (its files), the dtype it ran in and whether it ran tiled (``vae_enable_tiling``:
   tile seams change the values; slicing does not);
 - a text embedding: the caption, the text encoder and tokenizer (their files), the max token length
-  and the dtype.
+  and the dtype;
+- a loss mask: the mask file's bytes, its image's transform and the VAE's downsampling (the latent grid it
+  is averaged onto).
 The ``*_FORMAT`` strings are bumped whenever the code that produces an entry changes what it produces.
 """
 
@@ -15,6 +17,7 @@ from job.data.transform import Transform
 
 LATENT_FORMAT = "lokr-latent-1"
 TEXT_FORMAT = "lokr-text-1"
+MASK_FORMAT = "lokr-mask-1"
 
 
 def _hash(value: object) -> str:
@@ -32,6 +35,10 @@ def text_identity(encoder_files: str, tokenizer_files: str, max_length: int, dty
 
 def latent_key(image_sha256: str, transform: Transform, vae: str) -> str:
     return _hash([vae, image_sha256, transform.resized, transform.crop_box])
+
+
+def mask_key(mask_sha256: str, transform: Transform, latent_scale: int) -> str:
+    return _hash([MASK_FORMAT, mask_sha256, transform.resized, transform.crop_box, latent_scale])
 
 
 def text_key(caption: str, text: str) -> str:

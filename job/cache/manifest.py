@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.config.backends import DatasetConfig
+from job.config.backends import MASK_LINK_FIELDS, DatasetConfig
 from job.config.loader import ResolvedConfig
 from job.data.buckets import Size
 from job.files import read_json, write_bytes_atomic
@@ -22,6 +22,8 @@ _MANIFEST_VERSION = 1
 _TRAINING_TIME_KEYS = frozenset({"repeats", "is_regularisation_data", "caption_dropout_probability"})
 # Which discovery a warm skips changes how the plan is found, not what it holds.
 _DISCOVERY_KEYS = frozenset({"skip_file_discovery"})
+# The link to a mask backend: the mask backend itself is fingerprinted instead, when there is one.
+_MASK_LINK_KEYS = frozenset(MASK_LINK_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class PlannedSample:
     bucket: Size
     latent_key: str
     text_keys: tuple[str, ...]  # one per caption; the sampler picks one per use
+    mask_key: str | None = None  # the loss mask's entry, beside the latent (job.cache.masks)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,11 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "text_identity": self.text_identity,
             "null_text_key": self.null_text_key,
-            "samples": [[s.relpath, *s.bucket, s.latent_key, list(s.text_keys)] for s in self.samples],
+            # A mask key is appended only to masked samples: a plan without masks reads as it always did.
+            "samples": [
+                [s.relpath, *s.bucket, s.latent_key, list(s.text_keys), *([s.mask_key] if s.mask_key else [])]
+                for s in self.samples
+            ],
         }
 
     @classmethod
@@ -58,21 +65,26 @@ class Manifest:
             text_identity=value["text_identity"],
             null_text_key=value["null_text_key"],
             samples=[
-                PlannedSample(relpath, (width, height), latent, tuple(texts))
-                for relpath, width, height, latent, texts in value["samples"]
+                PlannedSample(relpath, (width, height), latent, tuple(texts), *mask)
+                for relpath, width, height, latent, texts, *mask in value["samples"]
             ],
         )
 
 
 def plan_fingerprint(config: ResolvedConfig, dataset: DatasetConfig) -> str:
     job = config.job
+    mask = config.mask_for(dataset)
     recipe = {
         "version": _MANIFEST_VERSION,
-        "dataset": dataset.model_dump(mode="json", exclude=_TRAINING_TIME_KEYS | _DISCOVERY_KEYS),
+        "dataset": dataset.model_dump(
+            mode="json", exclude=_TRAINING_TIME_KEYS | _DISCOVERY_KEYS | _MASK_LINK_KEYS
+        ),
         "seed": job.seed,
         "aspect_bucket_rounding": job.aspect_bucket_rounding,
         "model": job.model_source,
         "max_token_length": job.max_token_length,
+        # Only when there is one, so the plans of unmasked datasets keep their fingerprints.
+        **({"mask": mask.model_dump(mode="json", exclude=_DISCOVERY_KEYS | _MASK_LINK_KEYS)} if mask else {}),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 

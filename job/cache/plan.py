@@ -5,11 +5,11 @@ config and data error (for all datasets at once) before minutes of encoding.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from job.cache import layout
-from job.cache.keys import latent_key
+from job.cache.keys import latent_key, mask_key
 from job.cache.report import DatasetWarmReport, skip_summary
 from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig
@@ -18,6 +18,7 @@ from job.data.buckets import BucketPlan, StepShape, dropped_lines, plan_buckets,
 from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry, resolution_problem
 from job.data.location import local_data_dir
+from job.data.masks import MaskFiles, match_masks
 from job.data.scan import Sample, scan_dataset
 from job.errors import ConfigError, DataError
 from job.workdir import WorkDir
@@ -32,6 +33,8 @@ class DatasetPlan:
     buckets: BucketPlan
     cache_dir: Path
     report: DatasetWarmReport
+    masks: MaskFiles | None = None  # the loss masks, when the dataset names a mask backend
+    mask_keys: dict[str, str] = field(default_factory=dict)  # relpath → its mask's cache key
 
     def usable(self) -> Iterator[tuple[Sample, str]]:
         """The samples of usable buckets (the ones to encode), with their latent keys."""
@@ -60,7 +63,10 @@ def plan_datasets(
     plans, errors = [], []
     for dataset in config.datasets:
         try:
-            plans.append(_plan_dataset(config.job, workdir, dataset, geometry, step, vae_id))
+            plan = _plan_dataset(config.job, workdir, dataset, geometry, step, vae_id)
+            if (mask := config.mask_for(dataset)) is not None:
+                _pair_masks(plan, mask, workdir, geometry)
+            plans.append(plan)
         except DataError as exc:
             errors.append(exc.message)
     if errors:
@@ -109,6 +115,17 @@ def _plan_dataset(
         report.write(report_path)
         raise
     return plan
+
+
+def _pair_masks(plan: DatasetPlan, mask: DatasetConfig, workdir: WorkDir, geometry: ModelGeometry) -> None:
+    """Find every sample's mask (DataError naming the images without a usable one) and its cache key."""
+    root = local_data_dir(mask, workdir)
+    probe = layout.probe_path(workdir, mask.id)
+    plan.masks = match_masks(plan.dataset.id, mask.id, plan.samples, root, probe)
+    plan.mask_keys = {
+        s.relpath: mask_key(plan.masks.sha256[s.relpath], s.transform, geometry.latent_scale)
+        for s in plan.samples
+    }
 
 
 def _bucket(plan: DatasetPlan, step: StepShape) -> None:

@@ -31,6 +31,8 @@ class DatasetWarmReport:
     latents_cached: int = 0
     latents_new: int = 0
     failed: list[Skipped] = field(default_factory=list)  # images that could not be encoded
+    masks_cached: int | None = None  # None: the dataset's loss is not masked
+    masks_new: int = 0
 
     def write(self, path: Path) -> None:
         write_json_atomic(
@@ -47,6 +49,11 @@ class DatasetWarmReport:
                     "new": self.latents_new,
                     "failed": len(self.failed),
                 },
+                **(
+                    {}
+                    if self.masks_cached is None
+                    else {"masks": {"cached": self.masks_cached, "new": self.masks_new}}
+                ),
                 "skipped": [{"path": s.relpath, "reason": s.reason} for s in self.skipped],
                 "dropped_buckets": self.dropped,
                 "failed": [{"path": s.relpath, "reason": s.reason} for s in self.failed],
@@ -67,6 +74,13 @@ class DatasetWarmReport:
             self.latents_new,
             len(self.failed),
         )
+        if self.masks_cached is not None:
+            log.info(
+                "warm: dataset %r: loss masks: %d cached, %d new",
+                self.dataset_id,
+                self.masks_cached,
+                self.masks_new,
+            )
         for line in self.dropped:
             log.warning("warm: %s", line)
         for title, items in (("skipped", self.skipped), ("failed", self.failed)):

@@ -89,6 +89,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
             batch = [(key, wanted[key]) for key in missing]
             fill_latents(plan, batch, vae, index, job.vae_batch_size, write_batch_size=job.write_batch_size)
             drop_failed(plan, step)
+        _warm_masks(plan, index, geometry.latent_scale)
     report.vae_loaded = vae.loaded
     vae.release()
 
@@ -145,6 +146,20 @@ def warm_caches(ctx: JobContext) -> WarmReport:
     return report
 
 
+def _warm_masks(plan: DatasetPlan, index: CacheIndex, latent_scale: int) -> None:
+    """Cache the loss masks of the plan's usable samples beside their latents (masks need no model)."""
+    if plan.masks is None:
+        return
+    wanted = {plan.mask_keys[sample.relpath]: sample for sample, _ in plan.usable()}
+    missing = index.lacking({key: sample.relpath for key, sample in wanted.items()})
+    plan.report.masks_cached = len(wanted) - len(missing)
+    if missing:
+        from job.cache.masks import fill_masks  # needs torch (see above)
+
+        fill_masks(plan.masks, [(key, wanted[key]) for key in missing], index, latent_scale)
+        plan.report.masks_new = len(missing)
+
+
 def _world_size_from_env() -> int:
     """The number of training processes (torchrun and accelerate set WORLD_SIZE)."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -184,6 +199,7 @@ def _write_manifest(
             bucket=sample.transform.bucket,
             latent_key=key,
             text_keys=tuple(text_keys[caption] for caption in sample.captions),
+            mask_key=plan.mask_keys.get(sample.relpath),
         )
         for sample, key in zip(plan.samples, plan.latent_keys, strict=True)
     ]

@@ -65,7 +65,7 @@ def check_access(
 
 def _inputs_readable(cfg: ResolvedConfig) -> list[Access]:
     results: list[Access] = []
-    for dataset in cfg.datasets:
+    for dataset in cfg.backends:
         if is_fetched(dataset) and dataset.type != "huggingface":
             uri = dataset_uri(dataset)
             options = s3_options(dataset) if uri.startswith("s3://") else {}

@@ -23,9 +23,10 @@ from job.context import JobContext
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
 from job.data.discovery import IMAGE_EXTENSIONS, trusts_last_scan
 from job.data.geometry import ModelGeometry
-from job.data.location import local_data_dir
+from job.data.location import is_fetched, local_data_dir
+from job.data.masks import match_masks
 from job.data.sampler import SamplerDataset
-from job.data.scan import scan_dataset
+from job.data.scan import Sample, scan_dataset
 from job.errors import DataError
 
 _SHOWN_SKIPS = 5
@@ -151,6 +152,29 @@ def _scan(
         require_usable(dataset.id, buckets, images=len(scan.samples), repeats=dataset.repeats, step=step)
     except DataError as exc:
         result.problem = exc.message
+    else:
+        result.problem = _mask_problem(ctx, dataset, scan.samples)
+
+
+def _mask_problem(ctx: JobContext, dataset: DatasetConfig, samples: list[Sample]) -> str | None:
+    """Why the dataset's loss masks do not pair with its images (what warm would stop on), or None. Masks
+    still to be fetched are checked once they are."""
+    mask = ctx.config.mask_for(dataset)
+    if mask is None:
+        return None
+    root = local_data_dir(mask, ctx.workdir)
+    if is_fetched(mask) and not root.is_dir():
+        return None
+    remembered = layout.probe_path(ctx.workdir, mask.id)
+    with tempfile.TemporaryDirectory(prefix="lokr-check-") as scratch:
+        probe_path = Path(scratch) / remembered.name
+        if remembered.is_file():
+            shutil.copyfile(remembered, probe_path)
+        try:
+            match_masks(dataset.id, mask.id, samples, root, probe_path)
+        except DataError as exc:
+            return exc.message
+    return None
 
 
 def _count_listing(dataset: DatasetConfig, listing: list[str], result: DatasetCensus) -> None:

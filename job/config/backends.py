@@ -41,16 +41,30 @@ def check_discovery_skips(value: object) -> object:
     return value
 
 
+# The DatasetConfig fields that link an image backend and its mask backend (unset on most backends).
+MASK_LINK_FIELDS = ("conditioning_data", "source_dataset_id", "conditioning_type")
+
 # The DatasetConfig fields that hold credentials: used to reach the data, never part of what is trained.
 CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
 
+# SimpleTuner's conditioning types that are not a loss mask: inputs of other model families (ControlNet,
+# edit and video models); AuraFlow's transformer takes no conditioning image.
+_CONDITIONING_INPUTS = ("reference_strict", "reference_loose", "controlnet", "depth", "canny", "pose")
+
+
 class DatasetConfig(Strict):
-    """One image backend of ``multidatabackend.json``."""
+    """One image backend of ``multidatabackend.json``, or the loss-mask backend of one (``dataset_type:
+    conditioning``, ``conditioning_type: mask``): the same keys say where its files are."""
 
     id: str = Field(min_length=1)
     type: Literal["local", "aws", "huggingface"] = "local"
-    dataset_type: Literal["image"] = "image"
+    dataset_type: Literal["image", "conditioning"] = "image"
+    # The link between an image backend and its mask backend, written on either side as in SimpleTuner: the
+    # image backend's conditioning_data names the mask's id, or the mask's source_dataset_id the image's.
+    conditioning_data: str | None = None
+    source_dataset_id: str | None = None
+    conditioning_type: Literal["mask"] | None = None  # on a mask backend: the only kind lokr-job reads
     disabled: bool = False
     instance_data_dir: str | None = None
     caption_strategy: Literal["filename", "textfile", "instanceprompt", "huggingface"] = "filename"
@@ -94,8 +108,39 @@ class DatasetConfig(Strict):
         # SimpleTuner's examples ship these keys empty; empty means "use the environment", as there.
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("conditioning_type", mode="before")
+    @classmethod
+    def _mask_only(cls, value: object) -> object:
+        if value == "segmentation":
+            raise ValueError(
+                "segmentation masks (random per-class masking, masked_loss_probability) are not implemented; "
+                "use conditioning_type mask with white where the loss counts and black where it does not"
+            )
+        if value in _CONDITIONING_INPUTS:
+            raise ValueError(
+                f"{value} conditioning feeds an image to the model, which AuraFlow cannot take; only "
+                "conditioning_type mask (a loss mask) applies to AuraFlow"
+            )
+        return value
+
     @model_validator(mode="after")
     def _source_present(self) -> "DatasetConfig":
+        if self.dataset_type == "conditioning":
+            if self.conditioning_type is None:
+                raise ValueError("a conditioning backend needs conditioning_type mask (a loss mask)")
+            if self.type == "huggingface":
+                raise ValueError(
+                    "a mask backend reads a folder of mask images (type local, or aws for an S3 prefix), "
+                    "named as the images they mask"
+                )
+            if self.conditioning_data:
+                raise ValueError(
+                    "conditioning_data belongs on the image backend, naming this mask backend's id"
+                )
+        elif self.conditioning_type is not None or self.source_dataset_id:
+            raise ValueError(
+                "conditioning_type and source_dataset_id belong on a backend with dataset_type conditioning"
+            )
         if self.type == "local" and not self.instance_data_dir:
             raise ValueError("a local dataset needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
@@ -109,7 +154,11 @@ class DatasetConfig(Strict):
             raise ValueError("aws_session_token needs aws_access_key_id and aws_secret_access_key beside it")
         if self.type == "huggingface" and not self.dataset_name:
             raise ValueError("a huggingface dataset needs dataset_name (owner/name)")
-        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+        if (
+            self.dataset_type == "image"
+            and self.caption_strategy == "instanceprompt"
+            and not self.instance_prompt
+        ):
             raise ValueError("caption_strategy instanceprompt needs instance_prompt")
         return self
 

@@ -4,17 +4,15 @@ Every problem in every file is collected and raised as one ``ConfigError`` (exit
 file and the key, so a user fixes them all in one go instead of one per run.
 """
 
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from job.config import paths, simpletuner
-from job.config.backends import CREDENTIAL_FIELDS, DatasetConfig, TextEmbedsConfig
+from job.config.backends import CREDENTIAL_FIELDS, MASK_LINK_FIELDS, DatasetConfig, TextEmbedsConfig
+from job.config.databackends import load_backends
 from job.config.deepspeed import deepspeed_problems
 from job.config.problems import Problems, read_json5, validate
 from job.config.schema import JobConfig, LycorisConfig
@@ -38,6 +36,17 @@ class ResolvedConfig:
     config_path: Path
     files: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The loss-mask backends the image datasets name in conditioning_data.
+    masks: list[DatasetConfig] = field(default_factory=list)
+
+    def mask_for(self, dataset: DatasetConfig) -> DatasetConfig | None:
+        """The mask backend of ``dataset``, or None when its loss is not masked."""
+        return next((m for m in self.masks if m.id == dataset.conditioning_data), None)
+
+    @property
+    def backends(self) -> list[DatasetConfig]:
+        """Every backend whose files are read: the image datasets and their masks."""
+        return [*self.datasets, *self.masks]
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -50,9 +59,16 @@ class ResolvedConfig:
             # latents are kept and which discovery warm skips do not change it either.
             "datasets": [
                 d.model_dump(
-                    mode="json", exclude={"cache_dir_vae", "skip_file_discovery", *CREDENTIAL_FIELDS}
+                    mode="json",
+                    # An unset link to a mask is left out: recipes from before masks keep their hash.
+                    exclude={
+                        "cache_dir_vae",
+                        "skip_file_discovery",
+                        *CREDENTIAL_FIELDS,
+                        *(name for name in MASK_LINK_FIELDS if getattr(d, name) is None),
+                    },
                 )
-                for d in self.datasets
+                for d in self.backends
             ],
             "lycoris": self.lycoris.model_dump(mode="json") if self.lycoris else None,
         }
@@ -137,7 +153,7 @@ def load_config(
     raw.update(parse_overrides(overrides or [], problems))
 
     known = set(JobConfig.model_fields)
-    _screen_keys(raw, known, simpletuner.options().config, config_path, problems)
+    simpletuner.screen_keys(raw, known, simpletuner.options().config, config_path, problems)
     files = _resolve_files(raw, config_path, problems, remote_origin)
     local_or_remote = ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri")
     for key in (*local_or_remote, "pretrained_evaluation_model_name_or_path", "validation_preview_model"):
@@ -158,7 +174,9 @@ def load_config(
             "(as SimpleTuner, which turns them off then)",
         )
 
-    datasets, text_embeds = _load_backends(files.get("data_backend_config"), job, problems, remote_origin)
+    datasets, text_embeds, masks = load_backends(
+        files.get("data_backend_config"), job, problems, remote_origin
+    )
     lycoris = _load_lycoris(files.get("lycoris_config"), problems)
     library = _load_prompt_library(files.get("user_prompt_library"), problems)
     deepspeed = _load_deepspeed(files.get("deepspeed_config"), job, problems)
@@ -183,6 +201,7 @@ def load_config(
         config_path=config_path,
         files=files,
         warnings=problems.warnings,
+        masks=masks,
     )
 
 
@@ -200,63 +219,6 @@ def parse_overrides(overrides: list[str], problems: Problems) -> dict[str, Any]:
             parsed[key.strip().removeprefix("--")] = value
     remember_secrets(parsed)
     return parsed
-
-
-def _screen_keys(
-    raw: dict[str, Any],
-    known: set[str],
-    table: dict[str, simpletuner.Option],
-    where: Path,
-    problems: Problems,
-) -> None:
-    """Map SimpleTuner's older spellings onto their keys, warn on the options lokr-job ignores, refuse the
-    ones it cannot honour, and report unknown keys with the nearest known one."""
-    for key in [k for k in raw if k not in known and k in table and table[k].disposition == "alias"]:
-        canonical, value = table[key].of, raw.pop(key)
-        if table[key].negate:
-            # ignore_final_epochs: true is strict_epoch_limit: false (SimpleTuner's cmd_args.py rewrites it).
-            if simpletuner.asks_for_nothing(table[key], value):
-                continue
-            value = simpletuner.negated(value)
-            if value is None:
-                problems.error(
-                    where, f"{key}: must be true or false (SimpleTuner's older {canonical}, inverted)"
-                )
-                continue
-            clash = canonical in raw and simpletuner.negated(raw[canonical]) == value
-        else:
-            clash = canonical in raw and raw[canonical] != value
-        if clash:
-            problems.error(
-                where,
-                f"{key}: SimpleTuner's older name for {canonical}, and both are set to different "
-                f"values; keep {canonical} only",
-            )
-        raw.setdefault(canonical, value)
-    for key in list(raw):
-        if key in known:
-            continue
-        value = raw.pop(key)
-        option = table.get(key)
-        if option is None:
-            near = difflib.get_close_matches(key, sorted(known | set(table)), n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            problems.error(
-                where, f"{key}: unknown option (value {simpletuner.shown_value(key, value)}){hint}"
-            )
-        elif option.disposition == "refused" and not simpletuner.asks_for_nothing(option, value):
-            problems.error(
-                where,
-                f"{key}: SimpleTuner option refused by lokr-job: {option.reason}; {option.instead} "
-                f"(value {simpletuner.shown_value(key, value)})",
-            )
-        elif option.name == "num_processes":
-            if problem := simpletuner.world_size_problem(value):
-                problems.error(where, problem)
-        else:
-            # Acted on elsewhere (a text_embeds key on an image backend, say) means unused here.
-            reason = option.reason or "not used by this kind of entry"
-            problems.warn(where, f"{key}: known SimpleTuner option, ignored by lokr-job ({reason})")
 
 
 def _resolve_files(
@@ -290,102 +252,6 @@ def _resolve_model_or_path(value: str, config_path: Path, origin: paths.RemoteOr
         return origin.find_folder(value, config_path)[0] or value
     found = paths.resolve_local(value, config_path)
     return str(found) if found else value
-
-
-def _load_backends(
-    path: Path | None, job: JobConfig | None, problems: Problems, origin: paths.RemoteOrigin | None
-) -> tuple[list[DatasetConfig], TextEmbedsConfig | None]:
-    if path is None:
-        return [], None
-    entries = read_json5(path, problems, expect=list)
-    if entries is None:
-        return [], None
-    datasets: list[DatasetConfig] = []
-    text_embeds: TextEmbedsConfig | None = None
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        where = f"{path}[{index}]"
-        if not isinstance(entry, dict):
-            problems.error(where, "each backend must be a JSON object")
-            continue
-        name = entry.get("id", f"#{index}")
-        where = f"{path} (backend {name!r})"
-        if name in seen:
-            problems.error(where, f"id {name!r} is used twice; ids must be unique")
-        seen.add(name)
-        kind = entry.get("dataset_type", "image")
-        if kind == "text_embeds":
-            model: type[BaseModel] = TextEmbedsConfig
-        elif kind == "image":
-            model = DatasetConfig
-        else:
-            problems.error(where, f"dataset_type {kind!r} is not supported (use image or text_embeds)")
-            continue
-        entry = dict(entry)
-        _screen_keys(entry, set(model.model_fields), simpletuner.options().dataset, Path(where), problems)
-        # Cache folders are resolved against the work directory later, not against the config.
-        if isinstance(entry.get("instance_data_dir"), str) and entry["instance_data_dir"]:
-            entry["instance_data_dir"] = _resolve_data_dir(
-                entry["instance_data_dir"], path, where, problems, origin
-            )
-        parsed = validate(model, entry, where, problems)
-        if isinstance(parsed, DatasetConfig) and (warning := _credentials_warning(parsed)):
-            problems.warn(where, warning)
-        if isinstance(parsed, TextEmbedsConfig):
-            text_embeds = parsed
-        elif isinstance(parsed, DatasetConfig) and not parsed.disabled:
-            datasets.append(_inherit(parsed, job) if job else parsed)
-    if not datasets and not any(e.startswith(str(path)) for e in problems.errors):
-        problems.error(path, "no enabled image dataset (every backend is disabled or text_embeds)")
-    return datasets, text_embeds
-
-
-def _credentials_warning(dataset: DatasetConfig) -> str | None:
-    """Keys written in the file work (SimpleTuner reads them), but a file is copied, shared and committed
-    far more often than an environment: say so, naming the keys and never their values."""
-    keys = [name for name in CREDENTIAL_FIELDS if getattr(dataset, name) is not None]
-    if not keys:
-        return None
-    if dataset.type != "aws" and not (dataset.instance_data_dir or "").startswith("s3://"):
-        return f"{', '.join(keys)}: not used, this backend does not read from S3; remove them from the file"
-    return (
-        f"{', '.join(keys)}: keys in the config file, used for this dataset only; prefer the environment "
-        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or an instance/IRSA role, and keep keys "
-        "out of files that get copied and shared"
-    )
-
-
-def _resolve_data_dir(
-    value: str, path: Path, where: str, problems: Problems, origin: paths.RemoteOrigin | None
-) -> str:
-    """A remote dataset is fetched later; a local one must exist now. In a fetched config set, a relative
-    folder lives next to the remote files."""
-    if origin is not None and origin.remote_candidates(value, path):
-        found, looked = origin.find_folder(value, path)
-        if found is None:
-            problems.error(
-                where, f"instance_data_dir: no objects under {value!r}; looked in: {', '.join(looked)}"
-            )
-        return found or value
-    resolved = paths.resolve(value, path)
-    if not paths.is_remote(resolved) and not Path(resolved).is_dir():
-        looked = ", ".join(str(p) for p in paths.candidates(value, path))
-        problems.error(where, f"instance_data_dir: folder {value!r} not found; looked in: {looked}")
-    return resolved
-
-
-def _inherit(dataset: DatasetConfig, job: JobConfig) -> DatasetConfig:
-    """SimpleTuner's rule: a dataset setting left out takes the config.json value of the same name."""
-    fields = (
-        "resolution",
-        "resolution_type",
-        "minimum_image_size",
-        "maximum_image_size",
-        "target_downsample_size",
-        "caption_dropout_probability",
-    )
-    update = {name: getattr(job, name) for name in fields if getattr(dataset, name) is None}
-    return dataset.model_copy(update=update)
 
 
 def _load_lycoris(path: Path | None, problems: Problems) -> LycorisConfig | None:

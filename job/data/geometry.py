@@ -26,6 +26,7 @@ class ModelGeometry:
     alignment: int  # pixels per transformer patch: VAE downsampling × patch size
     max_patches: int  # pos_embed_max_size: the positional grid holds this many patches, square
     bucket_alignment: int | None = None  # aspect_bucket_alignment in pixels; None: one patch
+    latent_scale: int = 8  # pixels per latent position: the VAE's downsampling
 
     @property
     def bucket_step(self) -> int:

@@ -29,6 +29,7 @@ class Sample:
     sha256: str
     captions: tuple[str, ...]
     transform: Transform
+    size: tuple[int, int]  # (width, height) upright, before the transform
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def scan_dataset(
     """Every image under ``root`` as a sample, or as skipped with the reason."""
     # With no earlier scan there is nothing to trust: the folder is walked as usual.
     found = (trust_last_scan and _last_scan(probe_path)) or find_images(root)
-    probes, probed = _probe_all(root, found, probe_path, workers or min(8, os.cpu_count() or 1))
+    probes, probed = probe_files(root, found, probe_path, workers or min(8, os.cpu_count() or 1))
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     planner = TransformPlanner(dataset, geometry, seed=seed, aspect_rounding=aspect_rounding)
@@ -75,7 +76,8 @@ def scan_dataset(
             skipped.append(Skipped(image.relpath, str(problem)))
             continue
         transform = planner.plan(probe["width"], probe["height"], probe["sha256"])
-        samples.append(Sample(image.relpath, probe["sha256"], captions, transform))
+        size = (probe["width"], probe["height"])
+        samples.append(Sample(image.relpath, probe["sha256"], captions, transform, size))
     return ScanResult(len(found), samples, skipped, probed)
 
 
@@ -92,10 +94,11 @@ def _size_problem(width: int, height: int, dataset: DatasetConfig) -> str | None
     return f"too small: {width}x{height} is under minimum_image_size ({limit})"
 
 
-def _probe_all(
+def probe_files(
     root: Path, found: list[FoundImage], probe_path: Path, workers: int
 ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Each file's probe record, reusing remembered ones whose size and mtime have not changed."""
+    """Each file's probe record (``sha256``, upright ``width`` and ``height``, or an ``error``), reusing
+    remembered ones whose size and mtime have not changed; how many files were opened."""
     remembered = _load_probes(probe_path)
     probes: dict[str, dict[str, Any]] = {}
     stale: list[FoundImage] = []

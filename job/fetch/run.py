@@ -17,7 +17,7 @@ log = logging.getLogger("lokr")
 
 
 def fetch_inputs(ctx: JobContext, *, progress: bool = True) -> None:
-    for dataset in ctx.config.datasets:
+    for dataset in ctx.config.backends:
         report = fetch_dataset(dataset, ctx.workdir, progress=progress)
         if report is None:
             log.info(

@@ -63,7 +63,9 @@ def job_geometry(job: JobConfig, folder: Path | None) -> ModelGeometry:
 
 def flavour_geometry(flavour: str) -> ModelGeometry:
     return ModelGeometry(
-        alignment=_AURAFLOW_VAE_SCALE * AURAFLOW_PATCH_SIZE, max_patches=FLAVOUR_POS_EMBED_MAX_SIZE[flavour]
+        alignment=_AURAFLOW_VAE_SCALE * AURAFLOW_PATCH_SIZE,
+        max_patches=FLAVOUR_POS_EMBED_MAX_SIZE[flavour],
+        latent_scale=_AURAFLOW_VAE_SCALE,
     )
 
 
@@ -110,7 +112,7 @@ def model_geometry(folder: Path) -> ModelGeometry:
     transformer = _read_config(folder / "transformer" / "config.json") or {}
     patch_size = int(transformer.get("patch_size", AURAFLOW_PATCH_SIZE))
     max_patches = int(transformer.get("pos_embed_max_size", AURAFLOW_POS_EMBED_MAX_SIZE))
-    return ModelGeometry(alignment=vae_scale * patch_size, max_patches=max_patches)
+    return ModelGeometry(alignment=vae_scale * patch_size, max_patches=max_patches, latent_scale=vae_scale)
 
 
 def compute_device() -> torch.device:
