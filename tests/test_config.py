@@ -53,11 +53,11 @@ def test_seed_config_with_its_paths_fixed_loads_with_only_ignored_key_warnings(s
     assert job.optimizer == "optimi-lion"
     assert job.model_source == "terminusresearch/auraflow-v0.3"
     assert job.max_token_length == 120
+    assert job.vae_cache_ondemand is True  # the seed's latents are encoded as training first reads them
     assert all("known SimpleTuner option, ignored by lokr-job" in w for w in config.warnings)
     ignored = {w.split(": ")[1] for w in config.warnings}
     assert ignored == {
         "validation_torch_compile",
-        "vae_cache_ondemand",
         "output_dir",
         "disable_benchmark",
         "metadata_backend",

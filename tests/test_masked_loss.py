@@ -236,7 +236,7 @@ def test_the_masked_loss_is_the_one_computed_by_hand() -> None:
     mask[1, :, 2:5, :] = 0.25
     batch.loss_mask = mask
     with torch.no_grad():
-        loss = trainer.micro_batch_loss(batch, step_generator(7, 0, 0))
+        loss = trainer.micro_batch_loss(batch, step_generator(7, 0, 0), 0)
         # By hand: the step's draws, the model's prediction, (prediction - target)² weighted and averaged
         # over every position (SimpleTuner divides by all of them, not by the mask's area).
         draws = draw_step(step_generator(7, 0, 0), batch.latents.shape, shift=3.0)

@@ -21,14 +21,17 @@ from job.cache import layout
 from job.cache.entries import load_entry
 from job.cache.keys import text_key
 from job.cache.manifest import Manifest, plan_fingerprint, read_manifest
+from job.cache.ondemand import OnDemandLatents, UnwarmedLatent
 from job.cache.store import CacheIndex, entry_path
 from job.config.backends import DatasetConfig
 from job.config.loader import ResolvedConfig
 from job.data.buckets import StepShape, dropped_lines, padded_lines, plan_buckets, require_usable
-from job.data.discovery import skipped_stages
+from job.data.discovery import encodes_on_demand, skipped_stages
+from job.data.location import local_data_dir
 from job.data.sampler import EpochSampler, SamplerDataset
 from job.data.seeds import derive_seed
 from job.errors import DataError
+from job.model.source import local_model_path
 from job.workdir import WorkDir
 
 log = logging.getLogger("lokr")
@@ -57,6 +60,7 @@ class _Entry:
     is_regularisation: bool
     caption_dropout: float
     mask_key: str | None  # the loss mask beside the latent, or None: every position counts
+    unwarmed: UnwarmedLatent | None = None  # vae_cache_ondemand: what to encode if it is not cached
 
 
 class TrainingData:
@@ -73,6 +77,7 @@ class TrainingData:
         batch_size: int,
         world_size: int,
         rank: int,
+        on_demand: OnDemandLatents | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -86,6 +91,7 @@ class TrainingData:
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
+        self.on_demand = on_demand
         self._load_text = lru_cache(maxsize=_TEXT_ENTRIES_KEPT)(self._read_text)
 
     @classmethod
@@ -127,6 +133,11 @@ class TrainingData:
                 bucket_ids[size] = np.arange(len(entries), len(entries) + len(members))
                 for member in members:
                     sample = manifest.samples[member]
+                    unwarmed = None
+                    if sample.source is not None and encodes_on_demand(job, dataset):
+                        unwarmed = UnwarmedLatent(
+                            dataset.id, local_data_dir(dataset, workdir), sample.relpath, sample.source
+                        )
                     entries.append(
                         _Entry(
                             key=f"{dataset.id}/{sample.relpath}",
@@ -136,10 +147,12 @@ class TrainingData:
                             is_regularisation=dataset.is_regularisation_data,
                             caption_dropout=dataset.caption_dropout_probability or 0.0,
                             mask_key=sample.mask_key,
+                            unwarmed=unwarmed,
                         )
                     )
             added = entries[first:]
-            missing_latents = sum(e.latent_key not in latent_index for e in added)
+            # Latents left to training (vae_cache_ondemand) are encoded when first read.
+            missing_latents = sum(e.latent_key not in latent_index and e.unwarmed is None for e in added)
             missing_masks = sum(e.mask_key is not None and e.mask_key not in latent_index for e in added)
             missing_texts = sum(k not in text_index for e in added for k in e.text_keys)
             if missing_latents or missing_masks or missing_texts:
@@ -160,6 +173,13 @@ class TrainingData:
             problems.append("the empty caption's text embedding is not cached; run lokr-job warm")
         if problems:
             raise DataError("\n".join(problems))
+        on_demand = None
+        if any(e.unwarmed is not None for e in entries):
+            on_demand = OnDemandLatents(
+                Path(local_model_path(job, workdir)),
+                tiling=job.vae_enable_tiling,
+                slicing=job.vae_enable_slicing,
+            )
         sampler = EpochSampler(
             sampler_datasets, seed=job.seed, global_batch=job.train_batch_size * world_size
         )
@@ -174,6 +194,7 @@ class TrainingData:
             batch_size=job.train_batch_size,
             world_size=world_size,
             rank=rank,
+            on_demand=on_demand,
         )
 
     @property
@@ -186,7 +207,7 @@ class TrainingData:
         ids = self._sampler.global_batch_ids(epoch, index)
         first = self.rank * self.batch_size
         chosen = [self._entries[i] for i in ids[first : first + self.batch_size]]
-        latents = torch.stack([_read_entry(e.latent_dir, e.latent_key)["latents"] for e in chosen])
+        latents = torch.stack([self._latent(e) for e in chosen])
         loss_mask = None
         if any(e.mask_key is not None for e in chosen):
             # A sample of an unmasked dataset beside masked ones counts everywhere: weight 1.
@@ -223,6 +244,15 @@ class TrainingData:
             return None
         embeds, mask = self._load_text(key)
         return embeds.float(), mask.long()
+
+    def _latent(self, entry: _Entry) -> torch.Tensor:
+        if (
+            entry.unwarmed is not None
+            and self.on_demand is not None
+            and not entry_path(entry.latent_dir, entry.latent_key).exists()
+        ):
+            return self.on_demand.encode(entry.unwarmed, entry.latent_dir, entry.latent_key)
+        return _read_entry(entry.latent_dir, entry.latent_key)["latents"]
 
     def _pick_text(self, entry: _Entry, epoch: int, index: int, position: int) -> str:
         """One of the sample's captions (a caption file may hold several), seeded by its place in the epoch."""

@@ -15,15 +15,38 @@ from pathlib import Path
 from job.config.backends import MASK_LINK_FIELDS, DatasetConfig
 from job.config.loader import ResolvedConfig
 from job.data.buckets import Size
+from job.data.transform import Transform
 from job.files import read_json, write_bytes_atomic
 
 _MANIFEST_VERSION = 1
 # Dataset keys that training reads from the config directly: changing them needs no warm.
-_TRAINING_TIME_KEYS = frozenset({"repeats", "is_regularisation_data", "caption_dropout_probability"})
+_TRAINING_TIME_KEYS = frozenset(
+    {"repeats", "is_regularisation_data", "caption_dropout_probability", "vae_cache_ondemand"}
+)
 # Which discovery a warm skips changes how the plan is found, not what it holds.
 _DISCOVERY_KEYS = frozenset({"skip_file_discovery"})
 # The link to a mask backend: the mask backend itself is fingerprinted instead, when there is one.
 _MASK_LINK_KEYS = frozenset(MASK_LINK_FIELDS)
+
+
+@dataclass(frozen=True)
+class LatentSource:
+    """An image as warm planned it: its content hash and transform, enough to encode its latent later."""
+
+    sha256: str
+    transform: Transform
+
+    def to_json(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "resized": list(self.transform.resized),
+            "crop": list(self.transform.crop_box),
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> "LatentSource":
+        resized, crop = value["resized"], value["crop"]
+        return cls(value["sha256"], Transform((resized[0], resized[1]), (crop[0], crop[1], crop[2], crop[3])))
 
 
 @dataclass(frozen=True)
@@ -33,6 +56,8 @@ class PlannedSample:
     latent_key: str
     text_keys: tuple[str, ...]  # one per caption; the sampler picks one per use
     mask_key: str | None = None  # the loss mask's entry, beside the latent (job.cache.masks)
+    # With vae_cache_ondemand: what training encodes the latent from (job.cache.ondemand).
+    source: LatentSource | None = None
 
 
 @dataclass(frozen=True)
@@ -50,11 +75,7 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "text_identity": self.text_identity,
             "null_text_key": self.null_text_key,
-            # A mask key is appended only to masked samples: a plan without masks reads as it always did.
-            "samples": [
-                [s.relpath, *s.bucket, s.latent_key, list(s.text_keys), *([s.mask_key] if s.mask_key else [])]
-                for s in self.samples
-            ],
+            "samples": [_sample_row(s) for s in self.samples],
         }
 
     @classmethod
@@ -64,11 +85,25 @@ class Manifest:
             fingerprint=value["fingerprint"],
             text_identity=value["text_identity"],
             null_text_key=value["null_text_key"],
-            samples=[
-                PlannedSample(relpath, (width, height), latent, tuple(texts), *mask)
-                for relpath, width, height, latent, texts, *mask in value["samples"]
-            ],
+            samples=[_planned_sample(row) for row in value["samples"]],
         )
+
+
+def _sample_row(sample: PlannedSample) -> list:
+    # The mask key and the source are appended only when there are some: a plain plan reads as it always did.
+    row: list = [sample.relpath, *sample.bucket, sample.latent_key, list(sample.text_keys)]
+    if sample.mask_key or sample.source:
+        row.append(sample.mask_key)
+    if sample.source:
+        row.append(sample.source.to_json())
+    return row
+
+
+def _planned_sample(row: list) -> PlannedSample:
+    relpath, width, height, latent, texts, *rest = row
+    mask = rest[0] if rest else None
+    source = LatentSource.from_json(rest[1]) if len(rest) > 1 else None
+    return PlannedSample(relpath, (width, height), latent, tuple(texts), mask, source)
 
 
 def plan_fingerprint(config: ResolvedConfig, dataset: DatasetConfig) -> str:

@@ -4,7 +4,8 @@
    bucket, drop buckets too small for a step, compute content keys. Config and data errors surface here,
    for every dataset at once, before anything is encoded.
 2. Encode the missing latents, bucket by bucket in batches of ``vae_batch_size``, while a thread pool
-   decodes the next images.
+   decodes the next images; with ``vae_cache_ondemand`` leave them to training (job.cache.ondemand).
+   Cache the loss masks (job.cache.masks).
 3. Encode the missing text embeddings (captions, the empty caption, validation prompts) in batches of
    ``text_encoder_batch_size`` (SimpleTuner's default of 1: one caption per encoder call).
    ``write_batch_size`` bounds the entries waiting to be written. A dataset whose ``skip_file_discovery``
@@ -26,7 +27,7 @@ from job.cache import layout
 from job.cache.identity import FileHashes, folder_identity
 from job.cache.keys import text_identity, text_key, vae_identity
 from job.cache.lazy import LazyModel
-from job.cache.manifest import Manifest, PlannedSample, plan_fingerprint, write_manifest
+from job.cache.manifest import LatentSource, Manifest, PlannedSample, plan_fingerprint, write_manifest
 from job.cache.plan import DatasetPlan, check_config, drop_failed, plan_datasets
 from job.cache.report import WarmReport
 from job.cache.store import CacheIndex
@@ -34,7 +35,7 @@ from job.config.loader import ResolvedConfig
 from job.config.schema import JobConfig
 from job.context import JobContext
 from job.data.buckets import StepShape
-from job.data.discovery import skipped_stages
+from job.data.discovery import encodes_on_demand, skipped_stages
 from job.errors import ConfigError
 from job.model.components import (
     compute_device,
@@ -82,7 +83,14 @@ def warm_caches(ctx: JobContext) -> WarmReport:
         missing = index.lacking({key: sample.relpath for key, sample in wanted.items()})
         index.save()  # entries adopted from disk: the next warm finds them in the index, no stat each
         plan.report.latents_cached = len(wanted) - len(missing)
-        if missing:
+        if missing and encodes_on_demand(job, plan.dataset):
+            log.info(
+                "warm: dataset %r: %d latents left to training, which encodes each on first use "
+                "(vae_cache_ondemand)",
+                plan.dataset.id,
+                len(missing),
+            )
+        elif missing:
             # Imported only now: encoding needs torch, "is everything cached?" does not.
             from job.cache.fill import fill_latents
 
@@ -193,6 +201,7 @@ def _validation_prompts(config: ResolvedConfig) -> list[str]:
 def _write_manifest(
     config: ResolvedConfig, workdir: WorkDir, plan: DatasetPlan, text_id: str, text_keys: dict[str, str]
 ) -> None:
+    on_demand = encodes_on_demand(config.job, plan.dataset)
     samples = [
         PlannedSample(
             relpath=sample.relpath,
@@ -200,6 +209,7 @@ def _write_manifest(
             latent_key=key,
             text_keys=tuple(text_keys[caption] for caption in sample.captions),
             mask_key=plan.mask_keys.get(sample.relpath),
+            source=LatentSource(sample.sha256, sample.transform) if on_demand else None,
         )
         for sample, key in zip(plan.samples, plan.latent_keys, strict=True)
     ]

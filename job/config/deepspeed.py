@@ -86,6 +86,13 @@ def deepspeed_problems(config: dict[str, Any], job: JobConfig) -> list[str]:
             "zero_optimization.stage3_gather_16bit_weights_on_model_save: false, but the trained transformer "
             "is written whole at the end; set it to true or remove it"
         )
+    if stage == 3 and job.scheduled_sampling_max_step_offset > 0:
+        problems.append(
+            "zero_optimization.stage: 3 cannot train with scheduled sampling (config.json's "
+            "scheduled_sampling_max_step_offset): each GPU rolls out its own samples, a different number of "
+            "forward passes, and ZeRO-3 gathers the weights across GPUs in every one; use stage 2, or set "
+            "scheduled_sampling_max_step_offset to 0"
+        )
     if stage == 2 and _offload_device(zero, "offload_param") != "none":
         problems.append(
             "zero_optimization.offload_param: parameters are offloaded only by ZeRO stage 3; "

@@ -64,6 +64,7 @@ class ResolvedConfig:
                     exclude={
                         "cache_dir_vae",
                         "skip_file_discovery",
+                        "vae_cache_ondemand",
                         *CREDENTIAL_FIELDS,
                         *(name for name in MASK_LINK_FIELDS if getattr(d, name) is None),
                     },
@@ -94,6 +95,8 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "user_prompt_library",
         "write_batch_size",
         "text_encoder_batch_size",
+        # The same latents, encoded in training instead of warm (same VAE, dtype and noise seed).
+        "vae_cache_ondemand",
         "skip_file_discovery",
         "checkpoint_step_interval",
         "checkpoints_total_limit",

@@ -56,6 +56,9 @@ class JobConfig(Strict):
     vae_enable_tiling: bool = False
     vae_enable_slicing: bool = False
     write_batch_size: int = Field(default=64, gt=0)
+    # Encode each latent the first time training needs it (and cache it) instead of in warm, for every
+    # dataset; a dataset's own vae_cache_ondemand does so for that dataset alone (job/cache/ondemand.py).
+    vae_cache_ondemand: bool = False
     text_encoder_batch_size: int = Field(default=1, gt=0)
     # SimpleTuner's stages, comma-separated: vae, aspect, text, metadata (job/data/skips.py).
     skip_file_discovery: str = ""
@@ -92,6 +95,25 @@ class JobConfig(Strict):
     # SimpleTuner's default for every flow-matching family that sets none of its own, AuraFlow included.
     flow_schedule_shift: float | None = 3.0
     flow_schedule_auto_shift: bool = False
+
+    # SimpleTuner's scheduled sampling (job/train/rollout.py): some inputs are the model's own rollout.
+    scheduled_sampling_max_step_offset: int = Field(default=0, ge=0)
+    scheduled_sampling_strategy: Literal["uniform", "biased_early", "biased_late"] = "uniform"
+    scheduled_sampling_probability: float = Field(default=0.0, ge=0, le=1)
+    scheduled_sampling_prob_start: float = Field(default=0.0, ge=0, le=1)
+    scheduled_sampling_prob_end: float = Field(default=0.5, ge=0, le=1)
+    scheduled_sampling_ramp_steps: int = Field(default=0, ge=0)
+    scheduled_sampling_start_step: int = Field(default=0, ge=0)
+    scheduled_sampling_ramp_shape: Literal["linear", "cosine"] = "linear"
+    # They pick SimpleTuner's solver for epsilon/v-prediction models; its flow-matching rollout is Euler.
+    scheduled_sampling_sampler: Literal["unipc", "euler", "dpm"] = "unipc"
+    scheduled_sampling_order: int = Field(default=2, ge=1, le=9)
+    # ReflexFlow's loss terms (job/train/loss.py). Unset: on whenever scheduled sampling is, as SimpleTuner
+    # does for flow-matching models; true turns them on even without it.
+    scheduled_sampling_reflexflow: bool | None = None
+    scheduled_sampling_reflexflow_alpha: float = 1.0
+    scheduled_sampling_reflexflow_beta1: float = 10.0
+    scheduled_sampling_reflexflow_beta2: float = 1.0
 
     # Checkpoints.
     checkpoint_step_interval: int = Field(default=500, gt=0)
@@ -264,6 +286,14 @@ class JobConfig(Strict):
     def model_source(self) -> str:
         """What to load the base model from: an explicit path/URI/repo id, else the flavour's repo."""
         return self.pretrained_model_name_or_path or FLAVOUR_REPOS[self.model_flavour]
+
+    @property
+    def reflexflow(self) -> bool:
+        """Whether the loss has ReflexFlow's terms: ``scheduled_sampling_reflexflow``, or when unset, whether
+        scheduled sampling is on (SimpleTuner's _maybe_enable_reflexflow_default)."""
+        if self.scheduled_sampling_reflexflow is not None:
+            return self.scheduled_sampling_reflexflow
+        return self.scheduled_sampling_max_step_offset > 0
 
     @property
     def max_token_length(self) -> int:

@@ -61,3 +61,9 @@ def skipped_stages(job: JobConfig, dataset: DatasetConfig) -> frozenset[str]:
 
 def trusts_last_scan(job: JobConfig, dataset: DatasetConfig) -> bool:
     return bool(skipped_stages(job, dataset) & {"aspect", "metadata"})
+
+
+def encodes_on_demand(job: JobConfig, dataset: DatasetConfig) -> bool:
+    """Whether training encodes ``dataset``'s latents (``vae_cache_ondemand``, config.json's or its own)
+    instead of warm."""
+    return job.vae_cache_ondemand or dataset.vae_cache_ondemand

@@ -2,11 +2,12 @@
 transformer (``job.train.lokr``) or on every weight of it (``job.train.full``); each of those modules
 builds its trainer into a ``TrainingRun``.
 
-Each step draws its σ, noise and caption-dropout decisions from a generator seeded by (seed, step, rank)
-and reads its batches by (epoch, index), so a step is a pure function of the checkpointed state: an
-interrupted run continues bit for bit. ``should_stop`` is checked at every step boundary; when it says
-stop, the loop checkpoints and returns False. An ``observer`` (validation, trackers, webhook; main process
-only) is told about the start, each step, the end and a failure; its time is left out of s/step.
+Each step draws its σ, noise and caption-dropout decisions (then, with scheduled sampling, which samples
+roll out: ``job.train.rollout``) from a generator seeded by (seed, step, rank) and reads its batches by
+(epoch, index), so a step is a pure function of the checkpointed state: an interrupted run continues bit
+for bit. ``should_stop`` is checked at every step boundary; when it says stop, the loop checkpoints and
+returns False. An ``observer`` (validation, trackers, webhook; main process only) is told about the start,
+each step, the end and a failure; its time is left out of s/step.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from job.config.schema import JobConfig
 from job.flow_matching import draw_step, flow_target, noisy_latents, schedule_shift, step_generator
 from job.train.checkpointer import Checkpointer
-from job.train.loss import training_loss
+from job.train.loss import ReflexFlow, training_loss
 from job.train.progress import StepReport, TrainProgress
+from job.train.rollout import scheduled_sampling_input
 from job.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -151,7 +153,7 @@ class Trainer(ABC):
             # cost more than the read it hid (measured with scripts/bench_train.py).
             batch = self.data.batch(position.epoch, position.batch_index)
             position.advance(self.data.batches_per_epoch)
-            loss = self.micro_batch_loss(batch, generator)
+            loss = self.micro_batch_loss(batch, generator, state.step)
             self.backward(loss, last=index == accumulation - 1)
             loss_sum += loss.detach()
         lr = float(optimizer.param_groups[0]["lr"])
@@ -162,7 +164,7 @@ class Trainer(ABC):
         state.epoch, state.batch_index = position.epoch, position.batch_index
         return StepResult(loss=float(loss_sum) / accumulation, lr=lr, grad_norm=grad_norm)
 
-    def micro_batch_loss(self, batch: Any, generator: torch.Generator) -> torch.Tensor:
+    def micro_batch_loss(self, batch: Any, generator: torch.Generator, step: int) -> torch.Tensor:
         device = self.accelerator.device
         latents = batch.latents.to(device=device, dtype=torch.float32)
         shift = schedule_shift(
@@ -176,6 +178,11 @@ class Trainer(ABC):
         noise = draws.noise.to(device)
         embeds, mask = self._captions(batch, draws.dropout_draws)
         noisy = noisy_latents(latents, noise, sigmas)
+        # SimpleTuner's scheduled sampling: some inputs are the model's own short rollout, made without a graph.
+        rolled = scheduled_sampling_input(
+            self.job, step, generator, self.predict, noisy, latents, noise, sigmas, embeds, mask
+        )
+        noisy = rolled.noisy
         target = flow_target(latents, noise)
         regularisation = batch.is_regularisation.to(device=device, dtype=torch.bool)
         if bool(regularisation.any()):
@@ -186,6 +193,15 @@ class Trainer(ABC):
             ).float()
         prediction = self.predict(noisy, embeds, mask, sigmas)
         job = self.job
+        reflexflow = None
+        if job.reflexflow:
+            reflexflow = ReflexFlow(
+                alpha=job.scheduled_sampling_reflexflow_alpha,
+                beta1=job.scheduled_sampling_reflexflow_beta1,
+                beta2=job.scheduled_sampling_reflexflow_beta2,
+                drift=noisy - latents,
+                exposure=rolled.exposure,
+            )
         return training_loss(
             prediction,
             target,
@@ -194,6 +210,7 @@ class Trainer(ABC):
             huber_c=job.huber_c,
             huber_schedule=job.huber_schedule,
             mask=None if batch.loss_mask is None else batch.loss_mask.to(device),
+            reflexflow=reflexflow,
         )
 
     def predict(

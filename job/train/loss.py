@@ -15,10 +15,18 @@ Each sample's loss is its elementwise mean; the batch loss is the mean of those.
 A loss mask (SimpleTuner's ``conditioning_type: mask``, job.cache.masks) multiplies the elementwise loss
 before those means, as SimpleTuner does: a dark (0) latent position adds nothing, a white (1) one counts in
 full, and the mean still divides by every position (it is not renormalised by the mask's area).
+
+ReflexFlow (with scheduled sampling, job.train.rollout; SimpleTuner's ``loss`` in models/common.py), on
+the elementwise loss before the mask: frequency compensation weights each element by
+1 + α·e/Σ|e|, e the sample's exposure (the model's prediction at the clean input minus its prediction at the
+rolled-out one, zero for a sample not rolled out), so what the rollout loses counts more; β2 scales the
+whole loss; and anti-drift rectification adds β1·‖p/‖p‖ − d/‖d‖‖² per sample, the prediction's direction
+against the input's (the model's input minus the clean latent, along ε − x0).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,6 +35,19 @@ from job.flow_matching import flow_loss
 
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["snr", "exponential", "constant"]
+
+
+@dataclass(frozen=True)
+class ReflexFlow:
+    """ReflexFlow's terms for one micro-batch."""
+
+    alpha: float  # scheduled_sampling_reflexflow_alpha: frequency compensation
+    beta1: float  # scheduled_sampling_reflexflow_beta1: anti-drift rectification
+    beta2: float  # scheduled_sampling_reflexflow_beta2: the loss's scale
+    drift: torch.Tensor  # the model's input minus the clean latents, like the prediction
+    exposure: torch.Tensor | None = (
+        None  # clean − rolled-out prediction, like the prediction; None: no rollout
+    )
 
 
 def huber_c_per_sample(sigmas: torch.Tensor, huber_c: float, schedule: HuberSchedule) -> torch.Tensor:
@@ -49,11 +70,12 @@ def training_loss(
     huber_c: float,
     huber_schedule: HuberSchedule,
     mask: torch.Tensor | None = None,
+    reflexflow: ReflexFlow | None = None,
 ) -> torch.Tensor:
     """The scalar loss of one micro-batch (``sigmas``: each sample's σ, shape [B]; ``mask``: [B, 1, h, w]
     weights in [0, 1] over the latent's positions, or None)."""
     if loss_type == "l2":
-        if mask is None:
+        if mask is None and reflexflow is None:
             # Every sample has as many elements, so the mean of per-sample means is the plain mean.
             return flow_loss(prediction, target)
         elementwise = (prediction.float() - target.float()) ** 2
@@ -62,6 +84,29 @@ def training_loss(
         c = c.view(-1, *([1] * (prediction.ndim - 1)))
         curve = torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c
         elementwise = 2 * c * curve if loss_type == "huber" else 2 * curve
+    if reflexflow is not None:
+        elementwise = _compensated(elementwise, reflexflow)
     if mask is not None:
         elementwise = elementwise * mask.float()
-    return elementwise.mean(dim=list(range(1, elementwise.ndim))).mean()
+    per_sample = elementwise.mean(dim=list(range(1, elementwise.ndim)))
+    if reflexflow is not None and reflexflow.beta1 != 0:
+        per_sample = per_sample + reflexflow.beta1 * _misdirection(prediction, reflexflow.drift)
+    return per_sample.mean()
+
+
+def _compensated(elementwise: torch.Tensor, terms: ReflexFlow) -> torch.Tensor:
+    """The elementwise loss weighted by the exposure (frequency compensation) and scaled by β2."""
+    if terms.exposure is not None and terms.alpha != 0:
+        exposure = terms.exposure.detach().float()
+        total = exposure.abs().sum(dim=list(range(1, exposure.ndim)), keepdim=True).clamp_min(1e-6)
+        elementwise = elementwise * (1 + terms.alpha * exposure / total)
+    return elementwise * terms.beta2 if terms.beta2 != 1 else elementwise
+
+
+def _misdirection(prediction: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:
+    """Per sample, the squared distance between the unit directions of the prediction and the drift."""
+    predicted = prediction.float().flatten(1)
+    wanted = drift.float().flatten(1)
+    predicted = predicted / predicted.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    wanted = wanted / wanted.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return (predicted - wanted).pow(2).sum(dim=1)

@@ -1,0 +1,67 @@
+"""``vae_cache_ondemand``: a latent warm left out is encoded the first time training reads it, then cached.
+
+SimpleTuner's on-demand VAE cache (its DATALOADER.md): training starts without waiting for an encoding
+pass over the whole dataset; each missing latent is encoded when a batch first needs it and written to
+the cache, so later epochs and a resumed run read it back. The latent is the one warm would have written:
+the same VAE, dtype (float32), tiling, transform and noise seed (from the key); only float rounding
+differs, warm encoding ``vae_batch_size`` images per VAE call and this one. The entry file is written
+atomically; the cache index adopts it at the next warm (training never rewrites an index that other
+ranks read). The VAE is loaded by the first missing latent and stays on the device while training runs,
+so on-demand encoding costs VRAM beside the transformer: it saves start-up time, not memory.
+"""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from job.cache.encode import encode_latents, image_to_pixels
+from job.cache.entries import save_entry
+from job.cache.keys import noise_seed
+from job.cache.lazy import LazyModel
+from job.cache.manifest import LatentSource
+from job.data.images import UnreadableImage, read_image_file
+from job.data.transform import apply_transform
+from job.errors import DataError
+from job.model.components import compute_device, load_vae
+
+log = logging.getLogger("lokr")
+
+
+@dataclass(frozen=True)
+class UnwarmedLatent:
+    """A latent warm left to training: the image it is encoded from, as warm planned it."""
+
+    dataset_id: str
+    root: Path  # the dataset's folder on this machine
+    relpath: str
+    source: LatentSource
+
+
+class OnDemandLatents:
+    """Encodes and caches the latents training asks for that warm left to it."""
+
+    def __init__(self, model_folder: Path, *, tiling: bool, slicing: bool) -> None:
+        self._vae = LazyModel(
+            lambda: load_vae(model_folder, compute_device(), tiling=tiling, slicing=slicing)
+        )
+        self.encoded = 0
+
+    def encode(self, item: UnwarmedLatent, cache_dir: Path, key: str) -> torch.Tensor:
+        """The latent of ``item``, written to ``cache_dir`` under ``key``; [C, h, w] float32."""
+        where = f"dataset {item.dataset_id!r}: {item.relpath}"
+        try:
+            data, image = read_image_file(item.root / item.relpath)
+        except UnreadableImage as problem:
+            raise DataError(f"{where}: {problem}; run lokr-job warm") from None
+        if hashlib.sha256(data).hexdigest() != item.source.sha256:
+            raise DataError(f"{where} changed since warm planned it; run lokr-job warm")
+        if not self._vae.loaded:
+            log.info("vae_cache_ondemand: loading the VAE to encode latents as training first reads them")
+        pixels = image_to_pixels(apply_transform(image, item.source.transform))[None]
+        latent = encode_latents(self._vae.get(), pixels, [noise_seed(key)])[0]
+        save_entry(cache_dir, key, {"latents": latent}, {"dataset": item.dataset_id, "source": item.relpath})
+        self.encoded += 1
+        return latent
