@@ -13,6 +13,7 @@ from test_cache_support import built_tiny_model, dataset, open_job, tiny_model, 
 from job.cache import layout
 from job.cache.dataset import TrainingData
 from job.cache.manifest import read_manifest
+from job.cache.ondemand import parking_device
 from job.cache.store import entry_path
 from job.cache.warm import warm_caches
 from job.errors import DataError
@@ -94,6 +95,27 @@ def test_the_flag_does_not_change_the_recipe(tmp_path: Path, tiny_model: Path) -
     everything = open_job(config, tmp_path / "b", ["vae_cache_ondemand=true"])
     assert plain.config.hash == everything.config.hash
     assert warm_caches(everything).datasets[0].latents_new == 0  # config.json's flag covers every dataset
+
+
+def test_offload_during_startup_parks_the_vae_off_the_gpu_between_encodes() -> None:
+    cuda = torch.device("cuda")
+    assert parking_device(cuda, offload=True) == torch.device("cpu")
+    assert parking_device(cuda, offload=False) == cuda
+
+
+def test_offload_during_startup_encodes_the_same_latents_in_the_same_run(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    config = two_datasets(tmp_path, tiny_model)
+    plain = open_job(config, tmp_path / "plain")
+    parked = open_job(config, tmp_path / "parked", ["offload_during_startup=true"])
+    assert parked.config.job.offload_during_startup and not parked.config.warnings
+    assert parked.config.hash == plain.config.hash  # a memory setting: the same run
+    latents = []
+    for ctx in (plain, parked):
+        warm_caches(ctx)
+        latents.append(all_latents(TrainingData.open(ctx.config, ctx.workdir)))
+    assert all(torch.equal(latents[0][key], latents[1][key]) for key in latents[0])
 
 
 def test_a_changed_image_is_a_data_error_naming_it(tmp_path: Path, tiny_model: Path) -> None:

@@ -179,6 +179,7 @@ class TrainingData:
                 Path(local_model_path(job, workdir)),
                 tiling=job.vae_enable_tiling,
                 slicing=job.vae_enable_slicing,
+                offload=job.offload_during_startup,
             )
         sampler = EpochSampler(
             sampler_datasets, seed=job.seed, global_batch=job.train_batch_size * world_size

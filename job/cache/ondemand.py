@@ -7,7 +7,8 @@ the same VAE, dtype (float32), tiling, transform and noise seed (from the key); 
 differs, warm encoding ``vae_batch_size`` images per VAE call and this one. The entry file is written
 atomically; the cache index adopts it at the next warm (training never rewrites an index that other
 ranks read). The VAE is loaded by the first missing latent and stays on the device while training runs,
-so on-demand encoding costs VRAM beside the transformer: it saves start-up time, not memory.
+so on-demand encoding costs VRAM beside the transformer: it saves start-up time, not memory. With
+``offload_during_startup`` it waits in CPU memory instead and visits the GPU for each encode (slower).
 """
 
 import hashlib
@@ -40,13 +41,18 @@ class UnwarmedLatent:
     source: LatentSource
 
 
+def parking_device(device: torch.device, *, offload: bool) -> torch.device:
+    """Where the VAE waits between encodes: in CPU memory with ``offload_during_startup``."""
+    return torch.device("cpu") if offload else device
+
+
 class OnDemandLatents:
     """Encodes and caches the latents training asks for that warm left to it."""
 
-    def __init__(self, model_folder: Path, *, tiling: bool, slicing: bool) -> None:
-        self._vae = LazyModel(
-            lambda: load_vae(model_folder, compute_device(), tiling=tiling, slicing=slicing)
-        )
+    def __init__(self, model_folder: Path, *, tiling: bool, slicing: bool, offload: bool = False) -> None:
+        self._device = compute_device()
+        self._parked = parking_device(self._device, offload=offload)
+        self._vae = LazyModel(lambda: load_vae(model_folder, self._parked, tiling=tiling, slicing=slicing))
         self.encoded = 0
 
     def encode(self, item: UnwarmedLatent, cache_dir: Path, key: str) -> torch.Tensor:
@@ -61,7 +67,11 @@ class OnDemandLatents:
         if not self._vae.loaded:
             log.info("vae_cache_ondemand: loading the VAE to encode latents as training first reads them")
         pixels = image_to_pixels(apply_transform(image, item.source.transform))[None]
-        latent = encode_latents(self._vae.get(), pixels, [noise_seed(key)])[0]
+        vae = self._vae.get().to(self._device)
+        try:
+            latent = encode_latents(vae, pixels, [noise_seed(key)])[0]
+        finally:
+            vae.to(self._parked)
         save_entry(cache_dir, key, {"latents": latent}, {"dataset": item.dataset_id, "source": item.relpath})
         self.encoded += 1
         return latent

@@ -128,6 +128,7 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "group_offload_use_stream",
         "group_offload_to_disk_path",
         "enable_model_cpu_offload",
+        "offload_during_startup",
     }
 )
 

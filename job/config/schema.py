@@ -163,6 +163,9 @@ class JobConfig(Strict):
     group_offload_use_stream: bool = False
     group_offload_to_disk_path: str | None = None
     enable_model_cpu_offload: bool = False
+    # While caches are built, what is not in use waits off the GPU: warm always holds one model at a time;
+    # this also parks vae_cache_ondemand's VAE in CPU memory between encodes (job/cache/ondemand.py).
+    offload_during_startup: bool = False
     deepspeed_config: str | None = None
 
     @field_validator("resume_from_checkpoint", mode="before")
