@@ -13,6 +13,7 @@ from job.config import paths, simpletuner
 from job.config.backends import CREDENTIAL_FIELDS, DatasetConfig, TextEmbedsConfig
 from job.config.problems import Problems, read_json5, validate
 from job.config.schema import JobConfig
+from job.config.screening import screen_keys
 
 
 def load_backends(
@@ -48,9 +49,7 @@ def load_backends(
             )
             continue
         entry = dict(entry)
-        simpletuner.screen_keys(
-            entry, set(model.model_fields), simpletuner.options().dataset, Path(where), problems
-        )
+        screen_keys(entry, set(model.model_fields), simpletuner.options().dataset, Path(where), problems)
         # Cache folders are resolved against the work directory later, not against the config.
         if isinstance(entry.get("instance_data_dir"), str) and entry["instance_data_dir"]:
             entry["instance_data_dir"] = _resolve_data_dir(

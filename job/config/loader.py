@@ -16,6 +16,7 @@ from job.config.databackends import load_backends
 from job.config.deepspeed import deepspeed_problems
 from job.config.problems import Problems, read_json5, validate
 from job.config.schema import JobConfig, LycorisConfig
+from job.config.screening import screen_keys
 from job.errors import ConfigError
 from job.redact import remember_secrets
 
@@ -157,7 +158,7 @@ def load_config(
     raw.update(parse_overrides(overrides or [], problems))
 
     known = set(JobConfig.model_fields)
-    simpletuner.screen_keys(raw, known, simpletuner.options().config, config_path, problems)
+    screen_keys(raw, known, simpletuner.options().config, config_path, problems)
     files = _resolve_files(raw, config_path, problems, remote_origin)
     local_or_remote = ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri")
     for key in (*local_or_remote, "pretrained_evaluation_model_name_or_path", "validation_preview_model"):
