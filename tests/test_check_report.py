@@ -9,7 +9,7 @@ import pytest
 from test_check import _check, seed_config_on_tiny
 
 from job.check import build_report
-from job.check.estimate import GIB, transformer_config, vram_estimate
+from job.check.estimate import GIB, VramEstimate, transformer_config, vram_estimate
 from job.config.loader import load_config
 from job.context import open_context
 from job.errors import ExitCode
@@ -106,6 +106,28 @@ def test_the_full_size_estimate_counts_auraflow_and_shrinks_with_int8_and_offloa
         load_config(tiny_job, ["base_model_precision=bf16"]), config, source, (1024, 1024)
     )
     assert unchecked.activation_bytes > 5 * bf16.activation_bytes
+
+
+def test_on_demand_latents_add_the_vae_to_the_estimate_unless_it_is_parked(tiny_job: Path) -> None:
+    config, source = transformer_config(None)
+
+    def estimate(*settings: str) -> VramEstimate:
+        return vram_estimate(
+            load_config(tiny_job, ["base_model_precision=bf16", *settings]), config, source, (1024, 1024)
+        )
+
+    warmed = estimate("gradient_checkpointing=true")
+    on_demand = estimate("gradient_checkpointing=true", "vae_cache_ondemand=true")
+    assert warmed.vae_bytes == 0
+    # SDXL's float32 VAE (335 MB) stays beside the transformer, and at 1024 px an encode's feature maps
+    # outgrow a checkpointed step's activations, which are freed while it runs.
+    assert on_demand.vae_bytes > 0.4 * GIB
+    assert on_demand.peak_bytes == warmed.peak_bytes + on_demand.vae_bytes
+    # Without checkpointing the step's activations dwarf an encode: only the resident VAE adds, and a VAE
+    # parked in CPU memory (offload_during_startup) adds nothing.
+    resident = estimate("vae_cache_ondemand=true").vae_bytes
+    assert 0.3 * GIB < resident < on_demand.vae_bytes
+    assert estimate("vae_cache_ondemand=true", "offload_during_startup=true").vae_bytes == 0
 
 
 def test_an_s3_run_uri_is_proven_writable_without_writing(tiny_job: Path, tmp_path: Path, s3) -> None:

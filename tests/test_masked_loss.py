@@ -136,6 +136,24 @@ def test_a_broken_mask_layout_is_a_config_error_naming_the_backend(
     assert expected in raised.value.message
 
 
+@pytest.mark.parametrize("link", ["conditioning_data", "source_dataset_id"])
+def test_the_mask_of_a_disabled_image_backend_goes_unused_with_it(
+    tmp_path: Path, tiny_model: Path, link: str
+) -> None:
+    for name in ("photos", "other"):
+        write_image(tmp_path / name / "a.png")
+    (tmp_path / "masks").mkdir()
+    photos = dataset("photos", tmp_path / "photos", disabled=True)
+    mask = mask_backend("m", tmp_path / "masks")
+    if link == "conditioning_data":
+        photos["conditioning_data"] = "m"
+    else:
+        mask["source_dataset_id"] = "photos"
+    config = write_job(tmp_path, tiny_model, [photos, dataset("other", tmp_path / "other"), mask])
+    ctx = open_job(config, tmp_path / "work")
+    assert [d.id for d in ctx.config.datasets] == ["other"] and ctx.config.masks == []
+
+
 def test_warm_caches_each_mask_at_latent_resolution_beside_its_latent(
     tmp_path: Path, tiny_model: Path
 ) -> None:

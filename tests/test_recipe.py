@@ -27,6 +27,20 @@ def test_settings_that_do_not_change_the_weights_keep_the_recipe(tiny_job: Path)
     assert load_config(tiny_job, ["learning_rate=1e-4"]).hash != base.hash
 
 
+def test_a_config_that_uses_no_new_feature_keeps_the_recipe_it_had(tiny_job: Path) -> None:
+    """A run URI recorded by an earlier lokr-job must not be refused after an upgrade that only added
+    options: the recipe's keys stay those pinned in fixtures/recipe_keys.json while the new features are
+    off. Change that file only with a release note: every existing run would be refused."""
+    pinned = json.loads((Path(__file__).parent / "fixtures" / "recipe_keys.json").read_text())
+    recipe = load_config(tiny_job).recipe
+    assert sorted(recipe["job"]) == pinned["job"]
+    assert sorted(recipe["datasets"][0]) == pinned["dataset"]
+    rolling = load_config(tiny_job, ["scheduled_sampling_max_step_offset=4"]).recipe["job"]
+    assert (
+        rolling["scheduled_sampling_reflexflow_beta1"] == 10.0 and "scheduled_sampling_sampler" not in rolling
+    )
+
+
 def test_differences_name_the_keys_as_users_write_them(tiny_job: Path) -> None:
     old = load_config(tiny_job).recipe
     new = load_config(tiny_job, ["learning_rate=1e-4", "seed=3"]).recipe

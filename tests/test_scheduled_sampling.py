@@ -90,7 +90,7 @@ def test_reflexflow_is_on_with_scheduled_sampling_unless_turned_off():
     assert not make_job().reflexflow
 
 
-def test_simpletuner_keys_load_and_are_acted_on(tiny_job: Path):
+def test_simpletuner_keys_load(tiny_job: Path):
     sets = [f"{key}={str(value).lower()}" for key, value in ROLLOUT.items()]
     config = load_config(
         tiny_job, [*sets, "scheduled_sampling_sampler=euler", "scheduled_sampling_reflexflow_beta1=5"]
@@ -99,6 +99,15 @@ def test_simpletuner_keys_load_and_are_acted_on(tiny_job: Path):
     assert config.job.scheduled_sampling_sampler == "euler"
     assert config.job.scheduled_sampling_reflexflow_beta1 == 5
     assert not any("scheduled_sampling" in w for w in config.warnings)
+
+
+def test_an_offset_with_no_chance_of_a_rollout_is_warned_about(tiny_job: Path):
+    config = load_config(tiny_job, ["scheduled_sampling_max_step_offset=4"])
+    assert not config.job.rolls_out and config.job.reflexflow
+    (warning,) = [w for w in config.warnings if "scheduled_sampling" in w]
+    assert "nothing rolls out; ReflexFlow's anti-drift term still applies" in warning
+    ramped = ["scheduled_sampling_max_step_offset=4", "scheduled_sampling_ramp_steps=10"]
+    assert load_config(tiny_job, ramped).job.rolls_out  # the ramp's prob_end defaults to 0.5
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 from test_cache_support import built_tiny_model, dataset, open_job, tiny_model, write_image, write_job
 
+import job.cache.ondemand as ondemand
 from job.cache import layout
 from job.cache.dataset import TrainingData
 from job.cache.manifest import read_manifest
-from job.cache.ondemand import parking_device
 from job.cache.store import entry_path
 from job.cache.warm import warm_caches
 from job.errors import DataError
+from job.model.components import compute_device, load_vae
 
 # Warm encodes vae_batch_size images per VAE call, training one: the convolutions sum in another order.
 BATCHING_TOLERANCE = 1e-5
@@ -70,6 +71,11 @@ def test_warm_leaves_an_on_demand_datasets_latents_and_training_encodes_them(
     assert data.on_demand is not None and data.on_demand.encoded == 4
     assert all(entry_path(lazy_dir, s.latent_key).is_file() for s in manifest.samples)
 
+    # The next warm indexes them, and so uploads the cache shards again (cache_uri, job.cache.remote).
+    rewarmed = warm_caches(ctx)
+    assert (rewarmed.adopted, rewarmed.datasets[1].latents_cached, rewarmed.changed) == (4, 4, True)
+    assert not warm_caches(ctx).changed
+
     # A second run (a resumed one) reads what the first encoded: no VAE, the same tensors.
     again = TrainingData.open(ctx.config, ctx.workdir)
     assert torch.equal(torch.stack(list(all_latents(again).values())), torch.stack(list(latents.values())))
@@ -97,10 +103,42 @@ def test_the_flag_does_not_change_the_recipe(tmp_path: Path, tiny_model: Path) -
     assert warm_caches(everything).datasets[0].latents_new == 0  # config.json's flag covers every dataset
 
 
-def test_offload_during_startup_parks_the_vae_off_the_gpu_between_encodes() -> None:
-    cuda = torch.device("cuda")
-    assert parking_device(cuda, offload=True) == torch.device("cpu")
-    assert parking_device(cuda, offload=False) == cuda
+def spy_on_vae_moves(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The devices the on-demand VAE is moved to after loading (the real VAE, its ``to`` recorded)."""
+    moves: list[str] = []
+
+    def load_and_watch(*args: object, **kwargs: object):
+        vae = load_vae(*args, **kwargs)
+        move = vae.to
+        vae.to = lambda device: (moves.append(str(device)), move(device))[1]
+        return vae
+
+    monkeypatch.setattr(ondemand, "load_vae", load_and_watch)
+    return moves
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_during_startup_moves_the_vae_to_the_gpu_for_each_encode_only(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, offload: bool
+) -> None:
+    ctx = open_job(
+        two_datasets(tmp_path, tiny_model), tmp_path / "work", [f"offload_during_startup={offload}"]
+    )
+    warm_caches(ctx)
+    moves = spy_on_vae_moves(monkeypatch)
+    all_latents(TrainingData.open(ctx.config, ctx.workdir))
+    device = str(compute_device())
+    assert moves == ([device, "cpu"] * 4 if offload else [])
+
+
+def test_the_vae_is_released_once_every_latent_is_cached(tmp_path: Path, tiny_model: Path, caplog) -> None:
+    ctx = open_job(two_datasets(tmp_path, tiny_model), tmp_path / "work")
+    warm_caches(ctx)
+    data = TrainingData.open(ctx.config, ctx.workdir)
+    with caplog.at_level("INFO", logger="lokr"):
+        all_latents(data)
+    assert "vae_cache_ondemand: every latent is cached; the VAE is released" in caplog.text
+    assert data.on_demand is not None and not data.on_demand.holds_vae
 
 
 def test_offload_during_startup_encodes_the_same_latents_in_the_same_run(

@@ -14,6 +14,7 @@ class Batch:
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     prompt_mask: torch.Tensor | None
+    loss_mask: torch.Tensor | None = None
 
 
 class Recorder(torch.nn.Module):
@@ -88,3 +89,15 @@ def test_runs_on_the_tiny_auraflow_transformer(tiny_job: Path) -> None:
     batches = _batches()
     loss = eval_loss(transformer, batches, seed=5)
     assert loss > 0 and loss == eval_loss(transformer, batches, seed=5)
+
+
+def test_a_loss_mask_weights_the_eval_loss_as_it_weights_training() -> None:
+    batches = _batches(1)
+    plain = eval_loss(Recorder(0.5), batches, seed=3)
+    weights = torch.zeros(2, 1, 8, 8)
+    weights[..., :4] = 1.0
+    batches[0].loss_mask = weights
+    masked = eval_loss(Recorder(0.5), batches, seed=3)
+    assert 0 < masked < plain
+    batches[0].loss_mask = torch.ones(2, 1, 8, 8)
+    assert eval_loss(Recorder(0.5), batches, seed=3) == pytest.approx(plain)

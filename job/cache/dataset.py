@@ -174,9 +174,15 @@ class TrainingData:
         if problems:
             raise DataError("\n".join(problems))
         on_demand = None
+        pending = {
+            path
+            for e in entries
+            if e.unwarmed is not None and not (path := entry_path(e.latent_dir, e.latent_key)).exists()
+        }
         if any(e.unwarmed is not None for e in entries):
             on_demand = OnDemandLatents(
                 Path(local_model_path(job, workdir)),
+                pending,
                 tiling=job.vae_enable_tiling,
                 slicing=job.vae_enable_slicing,
                 offload=job.offload_during_startup,
@@ -247,12 +253,8 @@ class TrainingData:
         return embeds.float(), mask.long()
 
     def _latent(self, entry: _Entry) -> torch.Tensor:
-        if (
-            entry.unwarmed is not None
-            and self.on_demand is not None
-            and not entry_path(entry.latent_dir, entry.latent_key).exists()
-        ):
-            return self.on_demand.encode(entry.unwarmed, entry.latent_dir, entry.latent_key)
+        if entry.unwarmed is not None and self.on_demand is not None:
+            return self.on_demand.latent(entry.unwarmed, entry.latent_dir, entry.latent_key)
         return _read_entry(entry.latent_dir, entry.latent_key)["latents"]
 
     def _pick_text(self, entry: _Entry, epoch: int, index: int, position: int) -> str:

@@ -34,6 +34,11 @@ def probe_path(workdir: WorkDir, dataset_id: str) -> Path:
     return workdir.buckets / f"{safe_name(dataset_id)}.files.json"
 
 
+def mask_probe_path(workdir: WorkDir, mask_id: str, dataset_id: str) -> Path:
+    """What warm learnt about the masks of one dataset (a mask backend two datasets share has two)."""
+    return workdir.buckets / f"{safe_name(mask_id)}.masks-of-{safe_name(dataset_id)}.json"
+
+
 def report_path(workdir: WorkDir, dataset_id: str) -> Path:
     return workdir.cache / f"report-{safe_name(dataset_id)}.json"
 

@@ -18,6 +18,11 @@ class LazyModel(Generic[T]):
             self.loaded = True
         return self._value
 
+    @property
+    def held(self) -> bool:
+        """Whether the model is loaded now (``loaded``: whether it ever was)."""
+        return self._value is not None
+
     def release(self) -> None:
         self._value = None
         if self.loaded:

@@ -120,7 +120,7 @@ def _plan_dataset(
 def _pair_masks(plan: DatasetPlan, mask: DatasetConfig, workdir: WorkDir, geometry: ModelGeometry) -> None:
     """Find every sample's mask (DataError naming the images without a usable one) and its cache key."""
     root = local_data_dir(mask, workdir)
-    probe = layout.probe_path(workdir, mask.id)
+    probe = layout.mask_probe_path(workdir, mask.id, plan.dataset.id)
     plan.masks = match_masks(plan.dataset.id, mask.id, plan.samples, root, probe)
     plan.mask_keys = {
         s.relpath: mask_key(plan.masks.sha256[s.relpath], s.transform, geometry.latent_scale)

@@ -104,14 +104,14 @@ def download_caches(ctx: JobContext) -> int:
 
 
 def upload_caches(ctx: JobContext, report: WarmReport) -> int:
-    """Pack and upload the cache folders when warm encoded something or the remote has no shards yet;
-    return how many shards were uploaded."""
+    """Pack and upload the cache folders when warm wrote or adopted something (latents training encoded
+    on demand) or the remote has no shards yet; return how many shards were uploaded."""
     uri = cache_uri(ctx.config.job.cache_uri, ctx.run_uri)
     if uri is None:
         return 0
     storage = storage_for(uri)
     index_uri = join(uri, SHARD_INDEX)
-    if not (report.vae_loaded or report.text_encoder_loaded) and storage.stat(index_uri) is not None:
+    if not report.changed and storage.stat(index_uri) is not None:
         return 0
     fence(f"cache shards in {redact(uri)}")  # a process that lost the run lease writes nothing more
     started = time.perf_counter()

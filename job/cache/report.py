@@ -104,6 +104,13 @@ class WarmReport:
     text_truncated: int = 0  # newly encoded captions longer than max_token_length
     vae_loaded: bool = False
     text_encoder_loaded: bool = False
+    adopted: int = 0  # entries found on disk, not in an index: latents training encoded on demand
+
+    @property
+    def changed(self) -> bool:
+        """Whether the caches hold something the last upload of their shards may lack."""
+        masks = sum(d.masks_new for d in self.datasets)
+        return self.vae_loaded or self.text_encoder_loaded or bool(masks) or bool(self.adopted)
 
     @property
     def latents_new(self) -> int:

@@ -4,7 +4,7 @@ Entries live at ``<cache dir>/<key[:2]>/<key>.safetensors`` (two-character fan-o
 and are written atomically by ``job.cache.entries`` (which needs torch; this module does not).
 ``index.json`` lists the keys present, so "is everything cached?" is one read, not one ``stat`` per entry.
 A key is added to the index only after its file is in place; a file whose key is missing from the index
-(a warm killed before saving it) is adopted by ``lacking``.
+(a warm killed before saving it, or a latent training encoded on demand) is adopted by ``lacking``.
 """
 
 import logging
@@ -30,6 +30,7 @@ class CacheIndex:
         self.cache_dir = cache_dir
         self.entries = entries
         self._dirty = False
+        self.adopted = 0  # files found on disk without an index entry (training's on-demand latents, say)
 
     @classmethod
     def load(cls, cache_dir: Path) -> "CacheIndex":
@@ -59,6 +60,7 @@ class CacheIndex:
                 continue
             if entry_path(self.cache_dir, key).is_file():
                 self.add(key, description)
+                self.adopted += 1
             else:
                 still_missing.append(key)
         return still_missing

@@ -99,6 +99,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
             drop_failed(plan, step)
         _warm_masks(plan, index, geometry.latent_scale)
     report.vae_loaded = vae.loaded
+    report.adopted = sum(index.adopted for index in indexes.values())
     vae.release()
 
     preemption.current().raise_if_requested("warm (before the text embeddings)")

@@ -165,7 +165,7 @@ def _mask_problem(ctx: JobContext, dataset: DatasetConfig, samples: list[Sample]
     root = local_data_dir(mask, ctx.workdir)
     if is_fetched(mask) and not root.is_dir():
         return None
-    remembered = layout.probe_path(ctx.workdir, mask.id)
+    remembered = layout.mask_probe_path(ctx.workdir, mask.id, dataset.id)
     with tempfile.TemporaryDirectory(prefix="lokr-check-") as scratch:
         probe_path = Path(scratch) / remembered.name
         if remembered.is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config.loader import ResolvedConfig
+from job.data.discovery import encodes_on_demand
 from job.model.architecture import AURAFLOW_TRANSFORMER
 
 GIB = 1024**3
@@ -43,6 +44,11 @@ _QUANTIZED_LINEAR_BYTES = {
     "fp8-torchao": 1.0,
     "nf4-bnb": 0.5 + 4 / 64,
 }
+# SDXL's VAE (AuraFlow's), all float32: what vae_cache_ondemand keeps on the GPU beside the transformer.
+_VAE_PARAMETERS = 83_653_863
+# Its encoder's widest feature maps (128 channels at full resolution, float32), a few alive at a time.
+_VAE_ENCODE_MAPS = 3
+_VAE_ENCODE_CHANNELS = 128
 # Precisions no GPU run has measured yet (scripts/gpu_check measures each when a GPU is lent).
 _UNMEASURED = frozenset({"int8-torchao", "fp8-torchao", "nf4-bnb"})
 _OPTIMIZER_STATES = {
@@ -80,6 +86,8 @@ class VramEstimate:
     training: str = "LoKr"  # what trains: "LoKr", or "full-rank, ZeRO-<stage> over <N> GPU(s)"
     # Set when the weights' precision has not been measured on a GPU yet (its bytes a weight are reasoned).
     unmeasured_precision: str | None = None
+    # vae_cache_ondemand: the VAE training encodes with, and what an encode of the largest bucket adds.
+    vae_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -89,6 +97,7 @@ class VramEstimate:
             + self.optimizer_bytes
             + self.activation_bytes
             + self.overhead_bytes
+            + self.vae_bytes
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -156,6 +165,7 @@ def vram_estimate(
     states = _OPTIMIZER_STATES.get(job.optimizer, 2)
     state_bytes = 1 if job.optimizer == "bnb-lion8bit-paged" else adapter_dtype_bytes
     optimizer_bytes = states * counts.adapter * state_bytes
+    activations = _activation_bytes(cfg, config, bucket, blocks)
 
     return VramEstimate(
         parameters=counts.total,
@@ -163,12 +173,28 @@ def vram_estimate(
         weights_bytes=int(weight_bytes),
         adapter_bytes=adapter_bytes,
         optimizer_bytes=optimizer_bytes,
-        activation_bytes=_activation_bytes(cfg, config, bucket, blocks),
+        activation_bytes=activations,
         overhead_bytes=int(_RUNTIME_OVERHEAD),
         bucket=bucket,
         parameters_from=source,
         unmeasured_precision=job.base_model_precision if job.base_model_precision in _UNMEASURED else None,
+        vae_bytes=_on_demand_vae_bytes(cfg, bucket, activations),
     )
+
+
+def _on_demand_vae_bytes(cfg: ResolvedConfig, bucket: tuple[int, int], activation_bytes: int) -> int:
+    """What training's on-demand encoding adds to the peak: the float32 VAE and an encode's feature maps.
+    An encode runs while a batch is read, between steps, with the step's activations freed: the VAE's
+    weights stay beside them unless ``offload_during_startup`` parks it in CPU memory."""
+    job = cfg.job
+    if not any(encodes_on_demand(job, dataset) for dataset in cfg.datasets):
+        return 0
+    width, height = bucket
+    weights = _VAE_PARAMETERS * 4
+    encode = _VAE_ENCODE_MAPS * _VAE_ENCODE_CHANNELS * width * height * 4
+    if job.offload_during_startup:
+        return max(0, weights + encode - activation_bytes)
+    return weights + max(0, encode - activation_bytes)
 
 
 def _full_rank_estimate(

@@ -61,6 +61,8 @@ def render_text(report: CheckReport) -> str:
             f"optimizer state {_size(v.optimizer_bytes)}",
             f"  activations {_size(v.activation_bytes)}; CUDA context and allocator {_size(v.overhead_bytes)}",
         ]
+        if v.vae_bytes:
+            lines.append(f"  VAE for vae_cache_ondemand's encodes during training {_size(v.vae_bytes)}")
     if report.disk is not None:
         d = report.disk
         lines.append(

@@ -25,6 +25,7 @@ def load_backends(
     if entries is None:
         return [], None, []
     datasets: list[DatasetConfig] = []
+    disabled: list[DatasetConfig] = []  # image backends switched off, and so their masks
     masks: list[DatasetConfig] = []
     text_embeds: TextEmbedsConfig | None = None
     seen: set[str] = set()
@@ -62,27 +63,38 @@ def load_backends(
             text_embeds = parsed
         elif isinstance(parsed, DatasetConfig) and parsed.dataset_type == "conditioning":
             masks.append(parsed)
-        elif isinstance(parsed, DatasetConfig) and not parsed.disabled:
+        elif isinstance(parsed, DatasetConfig) and parsed.disabled:
+            disabled.append(parsed)
+        elif isinstance(parsed, DatasetConfig):
             datasets.append(_inherit(parsed, job) if job else parsed)
     if not datasets and not any(e.startswith(str(path)) for e in problems.errors):
         problems.error(
             path, "no enabled image dataset (every backend is disabled, conditioning or text_embeds)"
         )
-    return datasets, text_embeds, _linked_masks(path, datasets, masks, problems)
+    return datasets, text_embeds, _linked_masks(path, datasets, masks, disabled, problems)
 
 
 def _linked_masks(
-    path: Path, datasets: list[DatasetConfig], masks: list[DatasetConfig], problems: Problems
+    path: Path,
+    datasets: list[DatasetConfig],
+    masks: list[DatasetConfig],
+    disabled: list[DatasetConfig],
+    problems: Problems,
 ) -> list[DatasetConfig]:
     """The mask backends linked to image datasets (SimpleTuner's masked-loss layout), each image dataset's
     ``conditioning_data`` set to its mask's id. A dangling link, a disabled mask or a mask linked to no
-    dataset is an error: training would silently count the whole image."""
+    dataset is an error: training would silently count the whole image. The mask of a disabled image
+    backend goes unused with it."""
     by_id = {mask.id: mask for mask in masks}
     dataset_ids = {dataset.id for dataset in datasets}
+    off_ids = {dataset.id for dataset in disabled}
+    unused = {dataset.conditioning_data for dataset in disabled} | {
+        mask.id for mask in masks if mask.source_dataset_id in off_ids
+    }
     linked: list[DatasetConfig] = []
     for mask in masks:
         source = mask.source_dataset_id
-        if mask.disabled or not source:
+        if mask.disabled or not source or mask.id in unused:
             continue
         where = f"{path} (backend {mask.id!r})"
         if source not in dataset_ids:
@@ -118,7 +130,7 @@ def _linked_masks(
         elif mask not in linked:
             linked.append(mask)
     for mask in masks:
-        if mask not in linked and not mask.disabled:
+        if mask not in linked and not mask.disabled and mask.id not in unused:
             problems.error(
                 f"{path} (backend {mask.id!r})",
                 f"no image backend names this mask backend; add conditioning_data: {mask.id!r} to the image "

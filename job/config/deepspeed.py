@@ -86,7 +86,7 @@ def deepspeed_problems(config: dict[str, Any], job: JobConfig) -> list[str]:
             "zero_optimization.stage3_gather_16bit_weights_on_model_save: false, but the trained transformer "
             "is written whole at the end; set it to true or remove it"
         )
-    if stage == 3 and job.scheduled_sampling_max_step_offset > 0:
+    if stage == 3 and job.rolls_out:
         problems.append(
             "zero_optimization.stage: 3 cannot train with scheduled sampling (config.json's "
             "scheduled_sampling_max_step_offset): each GPU rolls out its own samples, a different number of "

@@ -55,7 +55,7 @@ class ResolvedConfig:
         less the settings that only change how a run is watched, published, checkpointed or fitted in
         memory (``OUTCOME_NEUTRAL_KEYS``)."""
         recipe: dict[str, Any] = {
-            "job": self.job.model_dump(mode="json", exclude=set(OUTCOME_NEUTRAL_KEYS)),
+            "job": self.job.model_dump(mode="json", exclude={*OUTCOME_NEUTRAL_KEYS, *self._unused_keys()}),
             # Keys reach the data; they do not change it (and must never be written to the run URI). Where
             # latents are kept and which discovery warm skips do not change it either.
             "datasets": [
@@ -77,6 +77,14 @@ class ResolvedConfig:
         if self.deepspeed is not None:
             recipe["deepspeed"] = self.deepspeed
         return recipe
+
+    def _unused_keys(self) -> set[str]:
+        """config.json keys that decide nothing while their feature is off: with scheduled sampling and
+        ReflexFlow off, the scheduled_sampling_* keys (so recipes from before them keep their hash)."""
+        job = self.job
+        if job.scheduled_sampling_max_step_offset == 0 and not job.reflexflow:
+            return {name for name in JobConfig.model_fields if name.startswith("scheduled_sampling_")}
+        return set()
 
     @property
     def hash(self) -> str:
@@ -130,6 +138,10 @@ OUTCOME_NEUTRAL_KEYS = frozenset(
         "group_offload_to_disk_path",
         "enable_model_cpu_offload",
         "offload_during_startup",
+        # SimpleTuner's solver for epsilon/v-prediction rollouts; a flow-matching rollout is Euler whatever
+        # they say (job/train/rollout.py).
+        "scheduled_sampling_sampler",
+        "scheduled_sampling_order",
     }
 )
 
@@ -171,6 +183,18 @@ def load_config(
             config_path,
             f"flow_schedule_shift: {job.flow_schedule_shift:g} is not used because flow_schedule_auto_shift is "
             "true and picks the shift from each image's size, as SimpleTuner does; remove one of the two",
+        )
+    if job is not None and job.scheduled_sampling_max_step_offset > 0 and not job.rolls_out:
+        problems.warn(
+            config_path,
+            f"scheduled_sampling_max_step_offset: {job.scheduled_sampling_max_step_offset}, but the chance of a "
+            "rollout is 0 at every step (scheduled_sampling_probability, or the ramp's prob_start and "
+            "prob_end): nothing rolls out"
+            + (
+                "; ReflexFlow's anti-drift term still applies (scheduled_sampling_reflexflow: false drops it)"
+                if job.reflexflow
+                else ""
+            ),
         )
     if job is not None and job.validation_preview and not job.webhook_url:
         problems.warn(

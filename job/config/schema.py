@@ -291,6 +291,19 @@ class JobConfig(Strict):
         return self.pretrained_model_name_or_path or FLAVOUR_REPOS[self.model_flavour]
 
     @property
+    def rolls_out(self) -> bool:
+        """Whether scheduled sampling can roll a sample out at some step: an offset above 0 and a chance above
+        0 somewhere on the schedule (``job.train.rollout.rollout_probability``)."""
+        if self.scheduled_sampling_max_step_offset == 0:
+            return False
+        chance = self.scheduled_sampling_probability
+        if self.scheduled_sampling_ramp_steps == 0:
+            return chance > 0
+        return (
+            max(self.scheduled_sampling_prob_start or chance, self.scheduled_sampling_prob_end or chance) > 0
+        )
+
+    @property
     def reflexflow(self) -> bool:
         """Whether the loss has ReflexFlow's terms: ``scheduled_sampling_reflexflow``, or when unset, whether
         scheduled sampling is on (SimpleTuner's _maybe_enable_reflexflow_default)."""

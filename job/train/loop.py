@@ -188,8 +188,10 @@ class Trainer(ABC):
         if bool(regularisation.any()):
             # Prior preservation: on regularisation images the target is what the base model predicts.
             target = target.clone()
+            # The captions are still where the batch put them (the CPU; predict moves them): index them there.
+            chosen = regularisation.to(embeds.device)
             target[regularisation] = self.base_prediction(
-                noisy[regularisation], embeds[regularisation], mask[regularisation], sigmas[regularisation]
+                noisy[regularisation], embeds[chosen], mask[chosen.to(mask.device)], sigmas[regularisation]
             ).float()
         prediction = self.predict(noisy, embeds, mask, sigmas)
         job = self.job

@@ -19,6 +19,7 @@ class EvalBatch(Protocol):
     latents: torch.Tensor  # (B, C, H, W), already multiplied by the VAE's scaling factor
     prompt_embeds: torch.Tensor  # (B, L, D)
     prompt_mask: torch.Tensor | None  # (B, L), 1 for real tokens
+    loss_mask: torch.Tensor | None  # (B, 1, H, W) loss weights (masked loss), or None
 
 
 def eval_loss(
@@ -30,7 +31,8 @@ def eval_loss(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> float:
-    """Mean per-sample MSE (fp32) of ``transformer``'s ``ε - x0`` prediction over batches × sigmas.
+    """Mean per-sample MSE (fp32) of ``transformer``'s ``ε - x0`` prediction over batches × sigmas, each
+    element weighted by the batch's loss mask when it has one (as the training loss is).
 
     ``x_t = (1-σ)·x0 + σ·ε`` with ε drawn on the CPU from one generator seeded with ``seed``, so the
     result is the same on every device for the same batches in the same order. The transformer gets
@@ -66,7 +68,10 @@ def eval_loss(
                         return_dict=False,
                     )[0]
                     target = flow_target(x0, noise).to(device)
-                    per_sample = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
+                    squared = (prediction.float() - target).pow(2)
+                    if batch.loss_mask is not None:
+                        squared = squared * batch.loss_mask.to(device, torch.float32)
+                    per_sample = squared.flatten(1).mean(dim=1)
                     total += per_sample.sum().item()
                     count += per_sample.numel()
     finally:
