@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from job.config.schema import JobConfig
-from job.flow_matching import draw_step, flow_target, noisy_latents, schedule_shift, step_generator
+from job.flow_matching import draw_step, flow_target, schedule_shift, step_generator
 from job.train.checkpointer import Checkpointer
 from job.train.loss import ReflexFlow, training_loss
 from job.train.progress import StepReport, TrainProgress
@@ -177,10 +177,11 @@ class Trainer(ABC):
         sigmas = draws.sigmas.to(device)
         noise = draws.noise.to(device)
         embeds, mask = self._captions(batch, draws.dropout_draws)
-        noisy = noisy_latents(latents, noise, sigmas)
+        # On the device once: the rollout's and ReflexFlow's extra forwards and the base prediction use them.
+        embeds, mask = embeds.to(device), mask.to(device)
         # SimpleTuner's scheduled sampling: some inputs are the model's own short rollout, made without a graph.
         rolled = scheduled_sampling_input(
-            self.job, step, generator, self.predict, noisy, latents, noise, sigmas, embeds, mask
+            self.job, step, generator, self.predict, latents, noise, sigmas, embeds, mask
         )
         noisy = rolled.noisy
         target = flow_target(latents, noise)
@@ -188,10 +189,8 @@ class Trainer(ABC):
         if bool(regularisation.any()):
             # Prior preservation: on regularisation images the target is what the base model predicts.
             target = target.clone()
-            # The captions are still where the batch put them (the CPU; predict moves them): index them there.
-            chosen = regularisation.to(embeds.device)
             target[regularisation] = self.base_prediction(
-                noisy[regularisation], embeds[chosen], mask[chosen.to(mask.device)], sigmas[regularisation]
+                noisy[regularisation], embeds[regularisation], mask[regularisation], sigmas[regularisation]
             ).float()
         prediction = self.predict(noisy, embeds, mask, sigmas)
         job = self.job

@@ -45,9 +45,8 @@ class ReflexFlow:
     beta1: float  # scheduled_sampling_reflexflow_beta1: anti-drift rectification
     beta2: float  # scheduled_sampling_reflexflow_beta2: the loss's scale
     drift: torch.Tensor  # the model's input minus the clean latents, like the prediction
-    exposure: torch.Tensor | None = (
-        None  # clean − rolled-out prediction, like the prediction; None: no rollout
-    )
+    # The clean minus the rolled-out prediction, like the prediction; None: nothing rolled out.
+    exposure: torch.Tensor | None = None
 
 
 def huber_c_per_sample(sigmas: torch.Tensor, huber_c: float, schedule: HuberSchedule) -> torch.Tensor:
@@ -100,7 +99,7 @@ def _compensated(elementwise: torch.Tensor, terms: ReflexFlow) -> torch.Tensor:
         exposure = terms.exposure.detach().float()
         total = exposure.abs().sum(dim=list(range(1, exposure.ndim)), keepdim=True).clamp_min(1e-6)
         elementwise = elementwise * (1 + terms.alpha * exposure / total)
-    return elementwise * terms.beta2 if terms.beta2 != 1 else elementwise
+    return elementwise * terms.beta2
 
 
 def _misdirection(prediction: torch.Tensor, drift: torch.Tensor) -> torch.Tensor:

@@ -102,9 +102,9 @@ def roll_out(
     """Where the model takes each sample in ``steps`` Euler steps of 1/1000 down its path, ending at its σ.
 
     Every sample starts on its path at σ + steps/1000; the step's samples run through the model together,
-    each dropping out once it has arrived. No graph is built: the result is plain data.
+    each dropping out once it has arrived. No graph is built: the result is plain data. Every tensor is on
+    one device.
     """
-    steps = steps.to(sigmas.device)
     spacing = 1 / NUM_TRAIN_TIMESTEPS
     current = noisy_latents(latents, noise, (sigmas + steps * spacing).clamp(max=1.0))
     for taken in range(int(steps.max())):
@@ -112,7 +112,7 @@ def roll_out(
         left = steps[moving] - taken
         here = (sigmas[moving] + left * spacing).clamp(max=1.0)
         there = sigmas[moving] + (left - 1) * spacing
-        velocity = predict(current[moving], _rows(embeds, moving), _rows(mask, moving), here).float()
+        velocity = predict(current[moving], embeds[moving], mask[moving], here).float()
         step = (there - here).view(-1, *([1] * (current.ndim - 1)))
         current[moving] = current[moving] + step * velocity
     return current
@@ -133,47 +133,41 @@ def scheduled_sampling_input(
     step: int,
     generator: torch.Generator,
     predict: Predict,
-    noisy: torch.Tensor,
     latents: torch.Tensor,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     embeds: torch.Tensor,
     mask: torch.Tensor,
 ) -> TrainingInput:
-    """The training input at optimizer step ``step``: ``noisy`` (``noisy_latents(latents, noise, sigmas)``)
-    with the samples chosen to roll out replaced by where ``predict`` takes them (captions ``embeds``,
-    ``mask``), and with ReflexFlow (``job.reflexflow``) their exposure.
+    """The training input at optimizer step ``step``: ``noisy_latents(latents, noise, sigmas)`` with the
+    samples chosen to roll out replaced by where ``predict`` takes them (captions ``embeds``, ``mask``, on
+    the latents' device), and with ReflexFlow (``job.reflexflow``) their exposure.
 
-    ``noisy`` itself, with nothing drawn from ``generator``, when no sample can roll out at this step.
+    The plain noised input, with nothing drawn from ``generator``, when no sample can roll out at this step.
     """
+    noisy = noisy_latents(latents, noise, sigmas)
     if job.scheduled_sampling_max_step_offset == 0:
         return TrainingInput(noisy)
     probability = rollout_probability(job, step)
     if probability <= 0:
         return TrainingInput(noisy)
     offsets = draw_offsets(job, probability, len(sigmas), generator)
-    steps = rollout_steps(offsets, sigmas)
+    steps = rollout_steps(offsets, sigmas).to(noisy.device)
     rolled = (steps > 0).nonzero().squeeze(1)
     if len(rolled) == 0:
         return TrainingInput(noisy)
     inputs = noisy.clone()
-    captions = (_rows(embeds, rolled), _rows(mask, rolled))
-    rolled_sigmas = _rows(sigmas, rolled)
-    inputs[rolled.to(noisy.device)] = roll_out(
-        predict, _rows(latents, rolled), _rows(noise, rolled), rolled_sigmas, steps[rolled], *captions
+    captions = (embeds[rolled], mask[rolled])
+    inputs[rolled] = roll_out(
+        predict, latents[rolled], noise[rolled], sigmas[rolled], steps[rolled], *captions
     ).to(noisy.dtype)
     if not job.reflexflow:
         return TrainingInput(inputs)
     # SimpleTuner's ReflexFlow caches: the prediction at the clean input and at the rolled-out one, both at
     # the sample's σ; a sample not rolled out has the two equal, an exposure of zero.
     with torch.no_grad():
-        clean = predict(_rows(noisy, rolled), *captions, rolled_sigmas).float()
-        biased = predict(_rows(inputs, rolled), *captions, rolled_sigmas).float()
+        clean = predict(noisy[rolled], *captions, sigmas[rolled]).float()
+        biased = predict(inputs[rolled], *captions, sigmas[rolled]).float()
     exposure = torch.zeros_like(noisy, dtype=torch.float32)
-    exposure[rolled.to(noisy.device)] = clean - biased
+    exposure[rolled] = clean - biased
     return TrainingInput(inputs, exposure)
-
-
-def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # The batch's tensors live on the accelerator or, like the captions before predict moves them, the CPU.
-    return tensor[index.to(tensor.device)]
