@@ -208,7 +208,7 @@ def test_a_whole_run_with_keys_in_the_file_writes_them_nowhere(
     loaded = load_config(config)
     hub_repo = tmp_path / "hub-repo"
     assemble_hub_folder(
-        loaded, work / "output", hub_repo, base_model=local_model_path(loaded.job, WorkDir(work))
+        loaded, work / "output", hub_repo, base_model=lambda: local_model_path(loaded.job, WorkDir(work))
     )
 
     written = [p for root in (work, run, hub_repo) for p in root.rglob("*") if p.is_file()]

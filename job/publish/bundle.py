@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from job.config.loader import ResolvedConfig
@@ -39,15 +40,19 @@ def require_trained(output: Path, model_type: str) -> None:
     raise ConfigError(f"nothing to publish: {missing}; run lokr-job train first")
 
 
-def assemble_hub_folder(cfg: ResolvedConfig, output: Path, dest: Path, *, base_model: str) -> list[str]:
+def assemble_hub_folder(
+    cfg: ResolvedConfig, output: Path, dest: Path, *, base_model: Callable[[], str]
+) -> list[str]:
     """Lay out the repo's files under ``dest`` (hard links where possible); return their repo paths.
-    ``base_model``: the local base model ``publish_formats`` exports are made from."""
+    ``base_model``: finds the local base model ``publish_formats`` exports are made from, called only when
+    there are exports (a push without them never needs the base model on this machine)."""
     require_trained(output, cfg.job.model_type)
     if cfg.job.model_type == "full":
         _place_transformer(output, dest)
     else:
         _place_adapter(cfg, output, dest)
-        _place_exports(cfg.job.publish_formats, base_model, output / ADAPTER_FILE, dest)
+        if cfg.job.publish_formats:
+            _place_exports(cfg.job.publish_formats, base_model(), output / ADAPTER_FILE, dest)
     images = latest_validation_images(cfg, output)
     for _, _, path in images:
         _place(output / path, dest / path)

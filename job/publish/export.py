@@ -52,6 +52,10 @@ COMFYUI_PARTS = frozenset(
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 RECORD = "export.json"
+# A full-rank run's output is already the merged transformer, in diffusers' layout.
+_FULL_RANK_EXPORT = (
+    "it needs no export: its transformer/ folder is already a merged transformer diffusers loads"
+)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,8 +130,8 @@ def export_merged(base_model: str, adapter: str | Path, out: Path, *, scale: flo
     except OSError as exc:
         raise ConfigError(f"export: cannot load an AuraFlow transformer from {base_model!r}: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
-        adapter_file = local_adapter(str(adapter), Path(scratch))
-        merge_adapter(transformer, adapter_file, scale)
+        adapter_file = local_adapter(str(adapter), Path(scratch), full_rank_hint=_FULL_RANK_EXPORT)
+        merge_adapter_file(transformer, adapter_file, scale, name=adapter)
         adapter_sha256 = sha256_file(adapter_file)
     record = {"format": "merged", "base_model": base_model, "adapter_sha256": adapter_sha256}
     record |= {"scale": scale, "dtype": dtype}
@@ -149,7 +153,7 @@ def export_comfyui(base_model: str, adapter: str | Path, out: Path) -> Path:
     names = _linear_module_names(base_model)
     by_lycoris_name = {"lycoris_" + name.replace(".", "_"): name for name in names}
     with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
-        adapter_file = local_adapter(str(adapter), Path(scratch))
+        adapter_file = local_adapter(str(adapter), Path(scratch), full_rank_hint=_FULL_RANK_EXPORT)
         with safe_open(str(adapter_file), "pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
             metadata = handle.metadata() or {}
@@ -222,8 +226,18 @@ def _linear_module_names(base_model: str) -> list[str]:
 
 
 def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, scale: float) -> None:
-    """Merge a LoKr adapter file (local, its folder, or an ``s3://``/``hf://`` URI) into ``transformer``'s
-    weights at ``scale``: what ``infer`` renders with and ``export --format merged`` writes."""
+    """Merge a LoKr adapter (a local file, its folder, or an ``s3://``/``hf://`` URI) into
+    ``transformer``'s weights at ``scale``: what ``infer`` renders with."""
+    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
+        path = local_adapter(str(adapter), Path(scratch), full_rank_hint="pass it with --transformer")
+        merge_adapter_file(transformer, path, scale, name=adapter)
+
+
+def merge_adapter_file(
+    transformer: AuraFlowTransformer2DModel, path: Path, scale: float, *, name: str | Path
+) -> None:
+    """Merge the LoKr adapter file ``path`` (``name`` as the user gave it) into ``transformer``'s weights at
+    ``scale``, as training computed it: what ``infer`` renders with and ``export --format merged`` writes."""
     from lycoris import create_lycoris_from_weights
 
     from job.model.lokr import merge_lokr, reset_lycoris_preset, route_lycoris_logs
@@ -233,16 +247,16 @@ def merge_adapter(transformer: AuraFlowTransformer2DModel, adapter: str | Path, 
     # Module names are matched under LyCORIS's prefix, which a training preset in this process may
     # have changed.
     reset_lycoris_preset()
-    with tempfile.TemporaryDirectory(prefix="lokr-adapter-") as scratch:
-        path = local_adapter(str(adapter), Path(scratch))
-        network, _ = create_lycoris_from_weights(scale, str(path), transformer)
+    network, _ = create_lycoris_from_weights(scale, str(path), transformer)
     if not network.loras:
-        raise ConfigError(f"adapter {adapter}: none of its modules exists in this base model's transformer")
+        raise ConfigError(f"adapter {name}: none of its modules exists in this base model's transformer")
     merge_lokr(network, scale)
     log.info("adapter merged: %d modules at scale %g", len(network.loras), scale)
 
 
-def local_adapter(adapter: str, scratch: Path) -> Path:
+def local_adapter(adapter: str, scratch: Path, *, full_rank_hint: str) -> Path:
+    """The adapter file of ``adapter`` (a file, its folder, or a URI downloaded into ``scratch``);
+    ``full_rank_hint`` says what to do when it is a full-rank output instead."""
     from job.storage import is_remote, join, storage_for
     from job.train.output import TRANSFORMER_DIR
 
@@ -256,7 +270,7 @@ def local_adapter(adapter: str, scratch: Path) -> Path:
         if not (path / ADAPTER_FILENAME).is_file() and (path / TRANSFORMER_DIR / "config.json").is_file():
             raise ConfigError(
                 f"adapter {adapter!r} holds a full-rank transformer (model_type full), not a LoKr adapter: "
-                "pass it with --transformer"
+                f"{full_rank_hint}"
             )
         path = path / ADAPTER_FILENAME
     if not path.is_file():

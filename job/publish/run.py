@@ -69,8 +69,9 @@ def push_to_hub(cfg: ResolvedConfig, workdir: WorkDir) -> str:
     message = f"lokr-job: {_TRAINED[cfg.job.model_type]} at step {step}"
     # Staged beside the output (same filesystem), so the files are hard links, not copies.
     with tempfile.TemporaryDirectory(dir=workdir.root, prefix=".publish-") as staging:
-        base_model = local_model_path(cfg.job, workdir)
-        files = assemble_hub_folder(cfg, workdir.output, Path(staging), base_model=base_model)
+        files = assemble_hub_folder(
+            cfg, workdir.output, Path(staging), base_model=lambda: local_model_path(cfg.job, workdir)
+        )
         HubStorage(private=cfg.job.hub_private).upload_folder(
             staging, repo, commit_message=message, progress=True
         )
