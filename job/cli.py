@@ -1,20 +1,25 @@
 """The ``lokr-job`` command: argument parsing, dispatch to stages, exit codes.
 
-Only the standard library and ``job.settings`` (pydantic) are imported at module level: ``lokr-job --help``
-must answer in well under a second, so torch, diffusers and the cloud SDKs are imported by the stage that needs them.
+Only the standard library is imported at module level: ``lokr-job --help`` must answer in well under a
+second, so the settings (pydantic), torch, diffusers and the cloud SDKs are imported once a command runs.
 """
+
+from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from job import __version__, distributed
 from job.errors import ConfigError, ExitCode, JobError
 from job.oserrors import map_os_error
-from job.settings import JobSettings, job_settings
 from job.track.logs import log_thread_deaths, setup_logging
+
+if TYPE_CHECKING:
+    from job.settings import JobSettings
 
 log = logging.getLogger("lokr")
 
@@ -129,14 +134,17 @@ def apply_environment_defaults(args: argparse.Namespace, settings: JobSettings) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from job.preemption import exit_if_signalled
+    code = _main(argv)
+    from job.preemption import exit_if_signalled  # after --help, which answers without the settings
 
     # After SIGTERM/SIGINT the process exits here, not through the interpreter's seconds-long teardown.
-    return exit_if_signalled(_main(argv))
+    return exit_if_signalled(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from job.settings import job_settings  # after --help, which answers without pydantic
+
     try:
         settings = job_settings()
     except ConfigError as exc:

@@ -68,7 +68,7 @@ def env_name(field: str) -> str:
 
 def job_settings() -> JobSettings:
     """The settings the environment holds now; ``ConfigError`` naming every bad variable."""
-    return _settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(PREFIX))))
+    return _settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(PREFIX))))
 
 
 @lru_cache(maxsize=8)

@@ -3,8 +3,8 @@
 ``LOKR_LOG_FORMAT=json`` gives one JSON object per line (``ts``, ``level``, ``logger``, ``msg`` and any
 ``extra=`` fields); ``LOKR_LOG_LEVEL`` sets the level (default INFO). Every record passes a filter that
 masks credentials, and the formatted line is masked again so that exception text and structured extras
-are covered too. Besides the standard library only ``job.settings`` (pydantic) is imported here: the CLI
-calls this at start-up.
+are covered too. Only the standard library is imported here at module level (the settings, pydantic, when
+logging is set up): the CLI imports this before it parses ``--help``.
 """
 
 import json
@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from job.redact import redact
-from job.settings import job_settings
 
 # Libraries that give their own logger a stderr handler (and transformers/diffusers stop propagation):
 # their records would bypass our format and our redaction.
@@ -99,6 +98,8 @@ def setup_logging(stream: TextIO | None = None) -> logging.Handler:
     for old in [h for h in root.handlers if getattr(h, _OWN_HANDLER, False)]:
         root.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
+    from job.settings import job_settings
+
     settings = job_settings()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else HumanFormatter())
     handler.addFilter(OptionalKernelFilter())
