@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 from job.cache import layout
 from job.cache.entries import load_entry
@@ -128,16 +127,16 @@ class TrainingData:
             latent_dir = layout.latent_dir(workdir, dataset)
             latent_index = latent_indexes.setdefault(latent_dir, CacheIndex.load(latent_dir))
             first = len(entries)
+            # vae_cache_ondemand: where this dataset's images are, to encode what warm left.
+            images = local_data_dir(dataset, workdir) if encodes_on_demand(job, dataset) else None
             bucket_ids: dict[tuple[int, int], np.ndarray] = {}
             for size, members in buckets.usable.items():
                 bucket_ids[size] = np.arange(len(entries), len(entries) + len(members))
                 for member in members:
                     sample = manifest.samples[member]
                     unwarmed = None
-                    if sample.source is not None and encodes_on_demand(job, dataset):
-                        unwarmed = UnwarmedLatent(
-                            dataset.id, local_data_dir(dataset, workdir), sample.relpath, sample.source
-                        )
+                    if sample.source is not None and images is not None:
+                        unwarmed = UnwarmedLatent(dataset.id, images, sample.relpath, sample.source)
                     entries.append(
                         _Entry(
                             key=f"{dataset.id}/{sample.relpath}",
@@ -174,12 +173,15 @@ class TrainingData:
         if problems:
             raise DataError("\n".join(problems))
         on_demand = None
-        pending = {
-            path
-            for e in entries
-            if e.unwarmed is not None and not (path := entry_path(e.latent_dir, e.latent_key)).exists()
-        }
-        if any(e.unwarmed is not None for e in entries):
+        unwarmed = [e for e in entries if e.unwarmed is not None]
+        if unwarmed:
+            # Indexed latents are cached; the others are pending unless training wrote them earlier.
+            pending = {
+                path
+                for e in unwarmed
+                if e.latent_key not in latent_indexes[e.latent_dir]
+                and not (path := entry_path(e.latent_dir, e.latent_key)).exists()
+            }
             on_demand = OnDemandLatents(
                 Path(local_model_path(job, workdir)),
                 pending,
@@ -220,10 +222,7 @@ class TrainingData:
             # A sample of an unmasked dataset beside masked ones counts everywhere: weight 1.
             ones = torch.ones(1, *latents.shape[-2:])
             loss_mask = torch.stack(
-                [
-                    ones if e.mask_key is None else _read_entry(e.latent_dir, e.mask_key)["mask"]
-                    for e in chosen
-                ]
+                [ones if e.mask_key is None else load_entry(e.latent_dir, e.mask_key)["mask"] for e in chosen]
             )
         texts = [
             self._load_text(self._pick_text(entry, epoch, index, first + position))
@@ -255,7 +254,7 @@ class TrainingData:
     def _latent(self, entry: _Entry) -> torch.Tensor:
         if entry.unwarmed is not None and self.on_demand is not None:
             return self.on_demand.latent(entry.unwarmed, entry.latent_dir, entry.latent_key)
-        return _read_entry(entry.latent_dir, entry.latent_key)["latents"]
+        return load_entry(entry.latent_dir, entry.latent_key)["latents"]
 
     def _pick_text(self, entry: _Entry, epoch: int, index: int, position: int) -> str:
         """One of the sample's captions (a caption file may hold several), seeded by its place in the epoch."""
@@ -265,7 +264,7 @@ class TrainingData:
         return entry.text_keys[choice]
 
     def _read_text(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = _read_entry(self._text_dir, key)
+        tensors = load_entry(self._text_dir, key)
         return tensors["prompt_embeds"], tensors["prompt_mask"]
 
 
@@ -284,12 +283,3 @@ def _current_manifest(
         )
         return None
     return manifest
-
-
-def _read_entry(cache_dir: Path, key: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_entry(cache_dir, key)
-    except (OSError, SafetensorError) as exc:
-        raise DataError(
-            f"cache entry {entry_path(cache_dir, key)} is missing or unreadable ({exc}); run lokr-job warm"
-        ) from None

@@ -12,9 +12,11 @@ from pathlib import Path
 # any writer pool starts, resolves the attribute once for every thread.
 import numpy.ctypeslib  # noqa: F401
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from job.cache.store import entry_path
+from job.errors import DataError
 from job.files import write_atomic
 
 
@@ -24,4 +26,10 @@ def save_entry(cache_dir: Path, key: str, tensors: dict[str, torch.Tensor], meta
 
 
 def load_entry(cache_dir: Path, key: str) -> dict[str, torch.Tensor]:
-    return load_file(entry_path(cache_dir, key))
+    """The entry's tensors; ``DataError`` (run lokr-job warm) when its file is missing or unreadable."""
+    try:
+        return load_file(entry_path(cache_dir, key))
+    except (OSError, SafetensorError) as exc:
+        raise DataError(
+            f"cache entry {entry_path(cache_dir, key)} is missing or unreadable ({exc}); run lokr-job warm"
+        ) from None

@@ -66,10 +66,11 @@ class OnDemandLatents:
     def latent(self, item: UnwarmedLatent, cache_dir: Path, key: str) -> torch.Tensor:
         """``item``'s latent, [C, h, w] float32: read from ``cache_dir`` when cached, else encoded there."""
         path = entry_path(cache_dir, key)
-        if path.exists():
-            latent = load_entry(cache_dir, key)["latents"]
-        else:
+        # Only a pending latent can be missing; another rank may have written it since.
+        if path in self._pending and not path.exists():
             latent = self._encode(item, cache_dir, key)
+        else:
+            latent = load_entry(cache_dir, key)["latents"]
         self._pending.discard(path)
         if not self._pending and self._vae.held:
             self._vae.release()

@@ -105,12 +105,12 @@ class WarmReport:
     vae_loaded: bool = False
     text_encoder_loaded: bool = False
     adopted: int = 0  # entries found on disk, not in an index: latents training encoded on demand
+    indexed: int = 0  # entries the caches' indexes gained: encoded, or adopted from disk
 
     @property
     def changed(self) -> bool:
         """Whether the caches hold something the last upload of their shards may lack."""
-        masks = sum(d.masks_new for d in self.datasets)
-        return self.vae_loaded or self.text_encoder_loaded or bool(masks) or bool(self.adopted)
+        return self.indexed > 0
 
     @property
     def latents_new(self) -> int:

@@ -30,6 +30,7 @@ class CacheIndex:
         self.cache_dir = cache_dir
         self.entries = entries
         self._dirty = False
+        self.added = 0  # entries indexed since loading: written, or adopted from disk
         self.adopted = 0  # files found on disk without an index entry (training's on-demand latents, say)
 
     @classmethod
@@ -50,6 +51,7 @@ class CacheIndex:
     def add(self, key: str, description: Any) -> None:
         self.entries[key] = description
         self._dirty = True
+        self.added += 1
 
     def lacking(self, wanted: dict[str, Any]) -> list[str]:
         """The keys of ``wanted`` (key → description) neither indexed nor on disk, in order; a file on disk

@@ -140,6 +140,7 @@ def warm_caches(ctx: JobContext) -> WarmReport:
         report.text_encoder_loaded = text_encoder.loaded
         text_encoder.release()
 
+    report.indexed = text_index.added + sum(index.added for index in indexes.values())
     for plan in plans:
         _write_manifest(ctx.config, ctx.workdir, plan, text_id, text_keys)
         path = layout.report_path(ctx.workdir, plan.dataset.id)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -114,11 +116,7 @@ def _scan(
     result: DatasetCensus,
 ) -> None:
     job = ctx.config.job
-    remembered = layout.probe_path(ctx.workdir, dataset.id)
-    with tempfile.TemporaryDirectory(prefix="lokr-check-") as scratch:
-        probe_path = Path(scratch) / remembered.name
-        if remembered.is_file():
-            shutil.copyfile(remembered, probe_path)
+    with _scratch_copy(layout.probe_path(ctx.workdir, dataset.id)) as probe_path:
         scan = scan_dataset(
             dataset,
             root,
@@ -165,16 +163,23 @@ def _mask_problem(ctx: JobContext, dataset: DatasetConfig, samples: list[Sample]
     root = local_data_dir(mask, ctx.workdir)
     if is_fetched(mask) and not root.is_dir():
         return None
-    remembered = layout.mask_probe_path(ctx.workdir, mask.id, dataset.id)
-    with tempfile.TemporaryDirectory(prefix="lokr-check-") as scratch:
-        probe_path = Path(scratch) / remembered.name
-        if remembered.is_file():
-            shutil.copyfile(remembered, probe_path)
+    with _scratch_copy(layout.mask_probe_path(ctx.workdir, mask.id, dataset.id)) as probe_path:
         try:
             match_masks(dataset.id, mask.id, samples, root, probe_path)
         except DataError as exc:
             return exc.message
     return None
+
+
+@contextmanager
+def _scratch_copy(remembered: Path) -> Iterator[Path]:
+    """A temporary copy of a probe file warm wrote (or where none is yet): check reads what warm learnt
+    about the files and leaves the work directory as it found it."""
+    with tempfile.TemporaryDirectory(prefix="lokr-check-") as scratch:
+        probe_path = Path(scratch) / remembered.name
+        if remembered.is_file():
+            shutil.copyfile(remembered, probe_path)
+        yield probe_path
 
 
 def _count_listing(dataset: DatasetConfig, listing: list[str], result: DatasetCensus) -> None:

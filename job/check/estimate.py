@@ -36,7 +36,7 @@ _CHECKPOINTED_BYTES_PER_TOKEN_WIDTH = 2
 _RUNTIME_OVERHEAD = 1.5 * GIB
 # fp32 master weight and two Adam moments per trained parameter, as ZeRO's mixed precision keeps them.
 _FULL_RANK_OPTIMIZER_BYTES = 12
-# Optimizer state tensors per adapter parameter (fp32 unless the optimizer says otherwise).
+# Bytes a quantized Linear weight takes, by base_model_precision.
 _QUANTIZED_LINEAR_BYTES = {
     "int8-quanto": 1.0,
     "int4-quanto": 0.5,
@@ -51,6 +51,7 @@ _VAE_ENCODE_MAPS = 3
 _VAE_ENCODE_CHANNELS = 128
 # Precisions no GPU run has measured yet (scripts/gpu_check measures each when a GPU is lent).
 _UNMEASURED = frozenset({"int8-torchao", "fp8-torchao", "nf4-bnb"})
+# Optimizer state tensors per adapter parameter (fp32 unless the optimizer says otherwise).
 _OPTIMIZER_STATES = {
     "adamw": 2,
     "adamw_bf16": 2,

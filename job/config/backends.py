@@ -81,9 +81,8 @@ class DatasetConfig(Strict):
     is_regularisation_data: bool = False
     caption_dropout_probability: float | None = Field(default=None, ge=0, le=1)
     cache_dir_vae: str | None = None
-    vae_cache_ondemand: bool = (
-        False  # this dataset's latents are encoded in training (or config.json's says so)
-    )
+    # This dataset's latents are encoded in training (config.json's vae_cache_ondemand does so for all).
+    vae_cache_ondemand: bool = False
     # SimpleTuner's S3 backend.
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""

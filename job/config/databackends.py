@@ -86,30 +86,28 @@ def _linked_masks(
     dataset is an error: training would silently count the whole image. The mask of a disabled image
     backend goes unused with it."""
     by_id = {mask.id: mask for mask in masks}
-    dataset_ids = {dataset.id for dataset in datasets}
+    position = {dataset.id: index for index, dataset in enumerate(datasets)}
     off_ids = {dataset.id for dataset in disabled}
     unused = {dataset.conditioning_data for dataset in disabled} | {
         mask.id for mask in masks if mask.source_dataset_id in off_ids
     }
-    linked: list[DatasetConfig] = []
     for mask in masks:
         source = mask.source_dataset_id
         if mask.disabled or not source or mask.id in unused:
             continue
         where = f"{path} (backend {mask.id!r})"
-        if source not in dataset_ids:
+        if source not in position:
             problems.error(where, f"source_dataset_id: no enabled image backend has id {source!r}")
             continue
-        for index, dataset in enumerate(datasets):
-            if dataset.id != source:
-                continue
-            if dataset.conditioning_data not in (None, mask.id):
-                problems.error(
-                    where,
-                    f"source_dataset_id: image backend {source!r} already names mask backend "
-                    f"{dataset.conditioning_data!r} in conditioning_data; link it one way",
-                )
-            datasets[index] = dataset.model_copy(update={"conditioning_data": mask.id})
+        dataset = datasets[position[source]]
+        if dataset.conditioning_data not in (None, mask.id):
+            problems.error(
+                where,
+                f"source_dataset_id: image backend {source!r} already names mask backend "
+                f"{dataset.conditioning_data!r} in conditioning_data; link it one way",
+            )
+        datasets[position[source]] = dataset.model_copy(update={"conditioning_data": mask.id})
+    linked: dict[str, DatasetConfig] = {}
     for dataset in datasets:
         name = dataset.conditioning_data
         if not name:
@@ -127,16 +125,16 @@ def _linked_masks(
             problems.error(
                 where, f"conditioning_data: mask backend {name!r} is disabled; enable it or unlink it"
             )
-        elif mask not in linked:
-            linked.append(mask)
+        else:
+            linked[name] = mask
     for mask in masks:
-        if mask not in linked and not mask.disabled and mask.id not in unused:
+        if mask.id not in linked and not mask.disabled and mask.id not in unused:
             problems.error(
                 f"{path} (backend {mask.id!r})",
                 f"no image backend names this mask backend; add conditioning_data: {mask.id!r} to the image "
                 "backend whose loss it masks (or source_dataset_id to this one)",
             )
-    return linked
+    return list(linked.values())
 
 
 def _credentials_warning(dataset: DatasetConfig) -> str | None:

@@ -172,8 +172,14 @@ def load_config(
     known = set(JobConfig.model_fields)
     screen_keys(raw, known, simpletuner.options().config, config_path, problems)
     files = _resolve_files(raw, config_path, problems, remote_origin)
-    local_or_remote = ("pretrained_model_name_or_path", "group_offload_to_disk_path", "cache_uri")
-    for key in (*local_or_remote, "pretrained_evaluation_model_name_or_path", "validation_preview_model"):
+    local_or_remote = (
+        "pretrained_model_name_or_path",
+        "group_offload_to_disk_path",
+        "cache_uri",
+        "pretrained_evaluation_model_name_or_path",
+        "validation_preview_model",
+    )
+    for key in local_or_remote:
         if isinstance(raw.get(key), str) and raw[key]:
             origin = remote_origin if key == "pretrained_model_name_or_path" else None
             raw[key] = _resolve_model_or_path(raw[key], config_path, origin)

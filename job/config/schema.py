@@ -296,12 +296,16 @@ class JobConfig(Strict):
         0 somewhere on the schedule (``job.train.rollout.rollout_probability``)."""
         if self.scheduled_sampling_max_step_offset == 0:
             return False
-        chance = self.scheduled_sampling_probability
         if self.scheduled_sampling_ramp_steps == 0:
-            return chance > 0
-        return (
-            max(self.scheduled_sampling_prob_start or chance, self.scheduled_sampling_prob_end or chance) > 0
-        )
+            return self.scheduled_sampling_probability > 0
+        return max(self.scheduled_sampling_ramp_ends) > 0
+
+    @property
+    def scheduled_sampling_ramp_ends(self) -> tuple[float, float]:
+        """The chances the ramp goes from and to: SimpleTuner reads ``prob_start`` and ``prob_end`` as
+        ``value or probability``, so 0 stands for ``scheduled_sampling_probability``."""
+        fixed = self.scheduled_sampling_probability
+        return self.scheduled_sampling_prob_start or fixed, self.scheduled_sampling_prob_end or fixed
 
     @property
     def reflexflow(self) -> bool:

@@ -23,7 +23,6 @@ class MaskFiles:
     """The mask of each image of a dataset: the masks' folder and each image's mask content hash."""
 
     dataset_id: str
-    mask_id: str
     root: Path
     sha256: dict[str, str]  # image (and mask) relpath → the mask file's sha256
 
@@ -40,7 +39,7 @@ def match_masks(
     found = find_images(root)
     by_path = {image.relpath: image for image in found}
     wanted = [by_path[s.relpath] for s in samples if s.relpath in by_path]
-    probes, _ = probe_files(root, wanted, probe_path, min(8, os.cpu_count() or 1))
+    probes, _ = probe_files(root, wanted, probe_path)
     problems: list[str] = []
     sha256: dict[str, str] = {}
     for sample in samples:
@@ -68,7 +67,7 @@ def match_masks(
             f"backend {mask_id!r} ({root}); every image needs a mask of the same name and size (all white to "
             f"mask nothing):\n  {shown}{more}"
         )
-    return MaskFiles(dataset_id, mask_id, root, sha256)
+    return MaskFiles(dataset_id, root, sha256)
 
 
 def _near_name(relpath: str, masks: dict[str, object]) -> str:

@@ -60,7 +60,7 @@ def scan_dataset(
     """Every image under ``root`` as a sample, or as skipped with the reason."""
     # With no earlier scan there is nothing to trust: the folder is walked as usual.
     found = (trust_last_scan and _last_scan(probe_path)) or find_images(root)
-    probes, probed = probe_files(root, found, probe_path, workers or min(8, os.cpu_count() or 1))
+    probes, probed = probe_files(root, found, probe_path, workers)
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     planner = TransformPlanner(dataset, geometry, seed=seed, aspect_rounding=aspect_rounding)
@@ -95,7 +95,7 @@ def _size_problem(width: int, height: int, dataset: DatasetConfig) -> str | None
 
 
 def probe_files(
-    root: Path, found: list[FoundImage], probe_path: Path, workers: int
+    root: Path, found: list[FoundImage], probe_path: Path, workers: int | None = None
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """Each file's probe record (``sha256``, upright ``width`` and ``height``, or an ``error``), reusing
     remembered ones whose size and mtime have not changed; how many files were opened."""
@@ -113,7 +113,7 @@ def probe_files(
         # when the workers below start them at once (tests/test_cache_thread_imports.py).
         import job.data.images  # noqa: F401
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             for image, record in zip(stale, pool.map(lambda i: _probe(root, i), stale), strict=True):
                 probes[image.relpath] = record
     if stale or len(probes) != len(remembered):

@@ -65,11 +65,7 @@ def diffusers_files(keys: Iterable[str]) -> list[str]:
 
 def fetch_model(job: JobConfig, workdir: WorkDir, *, progress: bool = True) -> None:
     source = job.model_source
-    if is_remote(source):
-        _mirror_folder(source, workdir, progress)
-    elif is_hub_repo_id(source):
-        _fetch_hub_repo(source, job.revision, workdir, progress)
-    else:
+    if not _fetch_if_remote(BASE_MODEL, source, job.revision, workdir, progress):
         log.info("fetch: base model %s is local; nothing to fetch", source)
 
 
@@ -83,17 +79,27 @@ def fetch_helper_models(job: JobConfig, workdir: WorkDir, *, progress: bool = Tr
     for kind, needed, source in wanted:
         if not needed:
             continue
-        if is_remote(source):
-            _mirror_folder(source, workdir, progress, kind=kind)
-        elif is_hub_repo_id(source):
-            _fetch_hub_repo(source, None, workdir, progress, kind=kind)
-        elif (Path(source).expanduser() / kind.index_file).is_file():
-            log.info("fetch: %s %s is local; nothing to fetch", kind.what, source)
-        else:
+        if _fetch_if_remote(kind, source, None, workdir, progress):
+            continue
+        if not (Path(source).expanduser() / kind.index_file).is_file():
             raise ConfigError(f"{kind.key} {source!r}: {kind.expected}")
+        log.info("fetch: %s %s is local; nothing to fetch", kind.what, source)
 
 
-def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, kind: ModelKind = BASE_MODEL) -> None:
+def _fetch_if_remote(
+    kind: ModelKind, source: str, revision: str | None, workdir: WorkDir, progress: bool
+) -> bool:
+    """Fetch ``source`` into the work directory when it is a URI or a Hub repo id; False: a local path."""
+    if is_remote(source):
+        _mirror_folder(source, workdir, progress, kind=kind)
+    elif is_hub_repo_id(source):
+        _fetch_hub_repo(source, revision, workdir, progress, kind=kind)
+    else:
+        return False
+    return True
+
+
+def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, kind: ModelKind) -> None:
     storage = storage_for(source)
     files = diffusers_files(o.key for o in storage.list(source))
     if not files:
@@ -115,7 +121,7 @@ def _mirror_folder(source: str, workdir: WorkDir, progress: bool, *, kind: Model
 
 
 def _fetch_hub_repo(
-    repo_id: str, revision: str | None, workdir: WorkDir, progress: bool, *, kind: ModelKind = BASE_MODEL
+    repo_id: str, revision: str | None, workdir: WorkDir, progress: bool, *, kind: ModelKind
 ) -> None:
     from job.storage.hub import HubStorage
 

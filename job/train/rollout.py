@@ -56,8 +56,7 @@ def rollout_probability(job: JobConfig, step: int) -> float:
     ramp = job.scheduled_sampling_ramp_steps
     if ramp == 0:
         return fixed
-    start = job.scheduled_sampling_prob_start or fixed
-    end = job.scheduled_sampling_prob_end or fixed
+    start, end = job.scheduled_sampling_ramp_ends
     if step < job.scheduled_sampling_start_step:
         return start
     progress = min(1.0, (step - job.scheduled_sampling_start_step) / ramp)

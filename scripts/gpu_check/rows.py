@@ -19,9 +19,8 @@ class RowSpec:
     precision: str  # a base_model_precision value
     checkpointing: bool
     offload: Offload
-    needs_cuda: bool = (
-        False  # CUDA (streams and pinned memory, fp8 or 4-bit kernels): nothing to measure without
-    )
+    # CUDA (streams and pinned memory, fp8 or 4-bit kernels): nothing to measure without.
+    needs_cuda: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
