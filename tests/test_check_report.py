@@ -1,6 +1,7 @@
 """``lokr-job check``: census, estimates, every problem at once, exit codes, ``--json``, access probes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,7 +202,11 @@ def test_check_accepts_a_gpu_only_precision_that_run_refuses_here(tiny_job: Path
     assert checked.returncode == ExitCode.OK, checked.stderr[-2000:]
     assert "peak VRAM (estimate, fp8-torchao not yet measured on a GPU)" in checked.stdout
     run = ("run", "--config", str(tiny_job), "--workdir", str(tmp_path / "w"), *settings)
-    ran = subprocess.run([sys.executable, "-m", "job", *run], capture_output=True, text=True, timeout=300)
+    # Run as on a machine without a GPU, wherever the suite runs.
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    ran = subprocess.run(
+        [sys.executable, "-m", "job", *run], capture_output=True, text=True, timeout=300, env=no_gpu
+    )
     assert ran.returncode == ExitCode.BAD_CONFIG
     assert (
         "fp8-torchao: torchao's float8 weight-only kernels need an NVIDIA GPU of compute capability 8.9"

@@ -39,14 +39,9 @@ def write_mask(path: Path, size: tuple[int, int], white_from_x: int, mode: str =
 
 
 def mask_backend(mask_id: str, folder: Path, **settings: object) -> dict[str, object]:
-    return {
-        "id": mask_id,
-        "type": "local",
-        "dataset_type": "conditioning",
-        "conditioning_type": "mask",
-        "instance_data_dir": str(folder),
-        **settings,
-    }
+    return dataset(
+        mask_id, folder, **{"dataset_type": "conditioning", "conditioning_type": "mask", **settings}
+    )
 
 
 def masked_job(root: Path, model: Path, *, count: int = 4, **job: object) -> Path:

@@ -146,7 +146,6 @@ def test_seed_preset_on_the_full_size_auraflow():
     assert sum(p.numel() for p in network.parameters()) == 23_603_200
 
 
-@pytest.mark.usefixtures("fresh_lycoris_preset")
 def test_a_merge_adds_what_the_training_forward_adds_whatever_the_rank_scale(tmp_path):
     """alpha 2 over rank 4: the forward scales the Kronecker product by 0.5; LyCORIS's merge_to scales it
     by 0.25 (twice), merge_lokr by 0.5, as trained."""

@@ -137,9 +137,11 @@ def test_int8_torchao_then_lokr_trains_the_adapter_alone():
 
 
 @pytest.mark.parametrize("precision", ["fp8-torchao", "nf4-bnb"])
-def test_gpu_only_precisions_name_what_this_machine_lacks(precision):
+def test_gpu_only_precisions_name_what_this_machine_lacks(precision, monkeypatch):
     from job.model.transformer import precision_problem
 
+    # A machine without a GPU (this test also runs where one is present).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     problem = precision_problem(precision)
     assert problem is not None and precision in problem
     assert "int8-quanto" in problem  # what to use here instead

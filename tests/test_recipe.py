@@ -28,9 +28,9 @@ def test_settings_that_do_not_change_the_weights_keep_the_recipe(tiny_job: Path)
 
 
 def test_a_config_that_uses_no_new_feature_keeps_the_recipe_it_had(tiny_job: Path) -> None:
-    """A run URI recorded by an earlier lokr-job must not be refused after an upgrade that only added
-    options: the recipe's keys stay those pinned in fixtures/recipe_keys.json while the new features are
-    off. Change that file only with a release note: every existing run would be refused."""
+    """A run URI recorded by the last landed lokr-job (5075f65) must not be refused after an upgrade that
+    only added options: the recipe's keys stay those pinned in fixtures/recipe_keys.json while the new
+    features are off. Change that file only with a release note: every existing run would be refused."""
     pinned = json.loads((Path(__file__).parent / "fixtures" / "recipe_keys.json").read_text())
     recipe = load_config(tiny_job).recipe
     assert sorted(recipe["job"]) == pinned["job"]

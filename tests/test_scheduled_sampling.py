@@ -3,24 +3,22 @@ far, the rollout the trainer's input comes from (made without a graph), and that
 pure function of (seed, step, rank), in process and through the real CLI."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_train_loop import FakeData, make_batch, make_job, make_trainer
+from test_train_resume_cli import lokr_job
 
 from job.config.deepspeed import deepspeed_problems
 from job.config.loader import load_config
 from job.flow_matching import draw_step, flow_target, noisy_latents, step_generator
 from job.train.checkpoint import latest_complete
-from job.train.lokr import LoKrState, LoKrTrainer
+from job.train.lokr import LoKrTrainer
 from job.train.loss import training_loss
 from job.train.output import ADAPTER_FILE
 from job.train.rollout import draw_offsets, rollout_probability, rollout_steps
-from job.train.state import TrainingCheckpoint, TrainState
+from job.train.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("fresh_lycoris_preset", "one_torch_thread")
 
@@ -283,23 +281,13 @@ def test_resume_in_process_with_scheduled_sampling_is_bit_identical(tmp_path):
     first.should_stop = iter([False] * 3 + [True]).__next__
     assert not first.train(TrainState(), 6)
     second = make_trainer(job, FakeData(), tmp_path / "b")
-    checkpoint = TrainingCheckpoint(
-        LoKrState(second.objects), second.objects.scheduler, second.accelerator, config_hash="test"
-    )
+    assert second.checkpointer is not None
+    checkpoint = second.checkpointer.checkpoint
     assert second.train(checkpoint.load(latest_complete(tmp_path / "b")), 6)
     for (name, a), b in zip(
         straight.network.state_dict().items(), second.network.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-
-
-def lokr_job(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LOKR_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow

@@ -100,6 +100,7 @@ def test_names_are_case_insensitive_and_blank_values_mean_the_default(tmp_path: 
     assert result.returncode == ExitCode.BAD_CONFIG  # no config given
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert lines and lines[-1]["level"] == "ERROR" and "LOKR_CONFIG" in lines[-1]["msg"]
+    assert any(line["level"] == "DEBUG" for line in lines)  # lokr_log_level=debug was read
 
 
 def test_settings_follow_the_environment_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:

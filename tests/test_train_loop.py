@@ -259,9 +259,8 @@ def test_resume_in_process_is_bit_identical(tmp_path, optimizer):
     first.should_stop = iter([False] * 5 + [True]).__next__
     assert not first.train(TrainState(), 7)
     second = make_trainer(job, FakeData(), tmp_path / "b")
-    checkpoint = TrainingCheckpoint(
-        LoKrState(second.objects), second.objects.scheduler, second.accelerator, config_hash="test"
-    )
+    assert second.checkpointer is not None
+    checkpoint = second.checkpointer.checkpoint
     state = checkpoint.load(latest_complete(tmp_path / "b"))
     assert (state.step, state.epoch, state.batch_index) == (5, 3, 1)
     assert second.train(state, 7)

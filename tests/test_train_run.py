@@ -1,5 +1,6 @@
 """``train_adapter`` in process on the warmed tiny job: stop and resume, checkpoint hooks, guard rails."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,6 @@ def test_an_int8_torchao_run_ends_with_an_adapter_and_resumes_to_the_same_bytes(
     tiny_job: Path, workdir: Path, tmp_path: Path
 ):
     """The caches are the module's warmed ones; each run trains into a work directory of its own."""
-    import shutil
-
     runs = {}
     for name in ("straight", "resumed"):
         folder = tmp_path / name
